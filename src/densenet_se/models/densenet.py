@@ -1,0 +1,470 @@
+"""DenseNet with optional Squeeze-and-Excitation, key-compatible with torchvision's densenet.
+
+Reads top to bottom: dense layer -> dense block -> transition -> net -> pretrained loading. Module names
+(``features.denseblock1.denselayer1.norm1`` ...) are torchvision's and never change: pretrained files
+depend on them. SE modules live under names torchvision never uses (``se``, ``features.se<i>``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+from densenet_se.models.se import SqueezeExcitation
+
+SE_PLACEMENTS = ("none", "head", "blocks")
+DENSENET121_LAYOUT = {
+    "growth_rate": 32,
+    "block_config": (6, 12, 24, 16),
+    "num_init_features": 64,
+    "bn_size": 4,
+    "compression_rate": 0.5,
+}
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, producing ``growth_rate`` new channels."""
+
+    def __init__(
+        self,
+        num_input_features: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        memory_efficient: bool,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(
+            bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False
+        )
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def bottleneck(self, inputs: Sequence[Tensor], update_running_stats: bool = True) -> Tensor:
+        """Concatenate the block's features so far and squeeze them to ``bn_size * growth_rate`` channels."""
+        x = torch.cat(list(inputs), 1)
+        if self.training and not update_running_stats:
+            # Same op as norm1(x) (checkpoint needs the same saved tensors) but the running statistics it
+            # updates are throwaway copies, and num_batches_tracked is left alone.
+            norm = self.norm1
+            running_mean, running_var = norm.running_mean.clone(), norm.running_var.clone()
+            x = F.batch_norm(x, running_mean, running_var, norm.weight, norm.bias, True, 0.0, norm.eps)
+        else:
+            x = self.norm1(x)
+        return self.conv1(self.relu1(x))
+
+    def checkpointed_bottleneck(self, inputs: Sequence[Tensor]) -> Tensor:
+        """The bottleneck without keeping the concatenation: it is recomputed during backward."""
+        first_call = True
+
+        def run(*tensors: Tensor) -> Tensor:
+            # The recompute in backward must not update norm1's running statistics a second time,
+            # otherwise they drift from the standard path (torchvision's memory_efficient has that drift).
+            nonlocal first_call
+            update, first_call = first_call, False
+            return self.bottleneck(tensors, update_running_stats=update)
+
+        return cp.checkpoint(run, *inputs, use_reentrant=False)
+
+    def forward(self, inputs: list[Tensor]) -> Tensor:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        if self.memory_efficient and needs_grad:
+            x = self.checkpointed_bottleneck(inputs)
+        else:
+            x = self.bottleneck(inputs)
+        x = self.conv2(self.relu2(self.norm2(x)))
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x
+
+
+class _DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers, each seeing the concatenation of all earlier outputs."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_input_features: int,
+        bn_size: int,
+        growth_rate: int,
+        drop_rate: float,
+        memory_efficient: bool,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = _DenseLayer(
+                num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, memory_efficient
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class _Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 to compress channels, then 2x2 average pooling to halve H and W."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+class DenseNetSE(nn.Module):
+    """DenseNet-BC (Huang et al., 2017) with Squeeze-and-Excitation on the head and optionally per block.
+
+    Args:
+        num_classes: number of output logits (>= 2).
+        growth_rate: channels each dense layer adds.
+        block_config: number of dense layers in each block (a list or tuple of positive ints).
+        num_init_features: channels of the stem convolution.
+        bn_size: bottleneck width as a multiple of ``growth_rate``.
+        compression_rate: fraction of channels each transition keeps, in (0, 1].
+        drop_rate: dropout after each dense layer, in [0, 1).
+        se_reduction: SE hidden width is ``channels // se_reduction``.
+        se_placement: "head" (SE on the final features, before pooling), "blocks" (also after every dense
+            block, before its transition) or "none" (a plain DenseNet).
+        memory_efficient: recompute each layer's concat+BN+ReLU+1x1 conv in backward instead of storing it.
+        pretrained: None, "imagenet" (torchvision's DenseNet-121 weights; needs the 121 layout and a
+            download) or a path to a state-dict file; see ``load_pretrained``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        compression_rate: float = 0.5,
+        drop_rate: float = 0.0,
+        se_reduction: int = 8,
+        se_placement: str = "head",
+        memory_efficient: bool = False,
+        pretrained: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        num_classes = _check_int("num_classes", num_classes, 2)
+        growth_rate = _check_int("growth_rate", growth_rate, 1)
+        block_config = _check_block_config(block_config)
+        num_init_features = _check_int("num_init_features", num_init_features, 1)
+        bn_size = _check_int("bn_size", bn_size, 1)
+        compression_rate = _check_real("compression_rate", compression_rate, "(0, 1]", lambda v: 0 < v <= 1)
+        drop_rate = _check_real("drop_rate", drop_rate, "[0, 1)", lambda v: 0 <= v < 1)
+        se_reduction = _check_int("se_reduction", se_reduction, 1)
+        if se_placement not in SE_PLACEMENTS:
+            raise ValueError(f"se_placement must be one of {', '.join(SE_PLACEMENTS)}, got {se_placement!r}")
+        if not isinstance(memory_efficient, bool):
+            raise ValueError(f"memory_efficient must be true or false, got {memory_efficient!r}")
+        _check_pretrained(pretrained)
+        block_channels = _block_channels(growth_rate, block_config, num_init_features, compression_rate)
+        se_channels = block_channels if se_placement == "blocks" else block_channels[-1:]
+        if se_placement != "none" and se_reduction > min(se_channels):
+            raise ValueError(
+                f"se_reduction must be between 1 and {min(se_channels)} (the fewest channels a "
+                f"squeeze-excitation sees in this layout), got {se_reduction}"
+            )
+
+        self.num_classes = num_classes
+        self.se_placement = se_placement
+        self.layout = {
+            "growth_rate": growth_rate,
+            "block_config": block_config,
+            "num_init_features": num_init_features,
+            "bn_size": bn_size,
+            "compression_rate": compression_rate,
+        }
+
+        self.features = nn.Sequential(
+            OrderedDict(
+                [
+                    (
+                        "conv0",
+                        nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False),
+                    ),
+                    ("norm0", nn.BatchNorm2d(num_init_features)),
+                    ("relu0", nn.ReLU(inplace=True)),
+                    ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+                ]
+            )
+        )
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config, start=1):
+            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory_efficient)
+            self.features.add_module(f"denseblock{i}", block)
+            num_features = block_channels[i - 1]
+            if se_placement == "blocks":
+                self.features.add_module(f"se{i}", SqueezeExcitation(num_features, se_reduction))
+            if i != len(block_config):
+                out_features = int(num_features * compression_rate)
+                self.features.add_module(f"transition{i}", _Transition(num_features, out_features))
+                num_features = out_features
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.num_features = num_features
+        self.se = SqueezeExcitation(num_features, se_reduction) if se_placement != "none" else nn.Identity()
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+        self.pretrained_report: LoadReport | None = None
+        if pretrained is not None:
+            self.pretrained_report = load_pretrained(self, pretrained)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.features(x), inplace=True)
+        x = self.se(x)
+        # mean over H, W: global pooling for any input size, deterministic backward on CUDA.
+        return self.classifier(x.mean((2, 3)))
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value: object, interval: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not ok(float(value)):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _check_block_config(value: object) -> tuple[int, ...]:
+    message = (
+        f"block_config must be a non-empty list of integers >= 1 (layers per dense block), got {value!r}"
+    )
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(message)
+    if any(isinstance(n, bool) or not isinstance(n, Integral) or n < 1 for n in value):
+        raise ValueError(message)
+    return tuple(int(n) for n in value)
+
+
+def _check_pretrained(value: object) -> None:
+    if value is None or isinstance(value, os.PathLike) or (isinstance(value, str) and value):
+        return
+    raise ValueError(f"pretrained must be null, 'imagenet' or the path to a state-dict file, got {value!r}")
+
+
+def _block_channels(
+    growth_rate: int, block_config: tuple[int, ...], num_init_features: int, compression_rate: float
+) -> list[int]:
+    """Output channels of every dense block, checking that no transition is compressed to nothing."""
+    channels, num_features = [], num_init_features
+    for i, num_layers in enumerate(block_config, start=1):
+        num_features += num_layers * growth_rate
+        channels.append(num_features)
+        if i != len(block_config):
+            if int(num_features * compression_rate) < 1:
+                raise ValueError(
+                    f"compression_rate {compression_rate} leaves transition{i} with no channels "
+                    f"({num_features} * {compression_rate} < 1); raise compression_rate"
+                )
+            num_features = int(num_features * compression_rate)
+    return channels
+
+
+# Pretrained weights -------------------------------------------------------------------------------------
+
+# Keys that are ours, not torchvision's backbone: they may be absent from (or differ in) a file.
+_HEAD_KEY = re.compile(r"^(classifier|se|features\.se\d+)\.")
+# Releases of torchvision before 0.3 named layer parts "norm.1", "conv.2", ...; their files (torchvision's
+# own ImageNet DenseNet-121 included) still carry those keys.
+_OLD_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+_ANCHOR_KEY = "features.conv0.weight"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``load_pretrained`` did with each tensor."""
+
+    source: str
+    loaded: tuple[str, ...]  # model keys now holding the file's values
+    new: tuple[str, ...]  # model keys left at their fresh init (SE, a classifier for another num_classes)
+    skipped: tuple[str, ...]  # file keys not used (another num_classes' classifier, SE of another layout)
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors from {self.source}; "
+            f"new: {', '.join(self.new) or 'none'}; skipped: {', '.join(self.skipped) or 'none'}"
+        )
+
+
+def load_pretrained(model: DenseNetSE, source: str | os.PathLike[str]) -> LoadReport:
+    """Load a torchvision-format DenseNet state dict into ``model``'s backbone (and head where it fits).
+
+    ``source`` is "imagenet" (torchvision's DenseNet121_Weights.IMAGENET1K_V1) or a path to a file holding
+    a state dict, or a Lightning checkpoint whose ``state_dict`` keys carry a prefix such as ``model.``.
+    Backbone keys must all match in name and shape (else ValueError); SE and classifier tensors load when
+    their shapes fit and are otherwise reported as new (model side) and skipped (file side).
+    """
+    if isinstance(source, str) and source == "imagenet":
+        label = "torchvision's DenseNet121_Weights.IMAGENET1K_V1"
+        state_dict = _download_imagenet(model)
+    else:
+        label = str(source)
+        state_dict = _read_state_dict(Path(source).expanduser())
+    state_dict = _torchvision_keys(state_dict, label)
+
+    own = model.state_dict()
+    loaded, new, skipped, to_load = [], [], [], {}
+    for key, value in own.items():
+        if _HEAD_KEY.match(key):
+            if key in state_dict and state_dict[key].shape == value.shape:
+                to_load[key] = state_dict[key]
+            else:
+                new.append(key)
+        elif key in state_dict:
+            if state_dict[key].shape != value.shape:
+                _layout_mismatch(
+                    model,
+                    state_dict,
+                    label,
+                    f"{key} has shape {tuple(state_dict[key].shape)} in the file but {tuple(value.shape)} "
+                    "in the model",
+                )
+            to_load[key] = state_dict[key]
+        elif not key.endswith("num_batches_tracked"):  # absent from files written before torch 0.4.1
+            _layout_mismatch(model, state_dict, label, f"{key} is in the model but not in the file")
+    for key in state_dict:
+        if key in to_load:
+            loaded.append(key)
+        elif _HEAD_KEY.match(key):
+            skipped.append(key)
+        else:
+            _layout_mismatch(model, state_dict, label, f"{key} is in the file but not in the model")
+    model.load_state_dict(to_load, strict=False)
+    return LoadReport(label, tuple(loaded), tuple(new), tuple(skipped))
+
+
+def _download_imagenet(model: DenseNetSE) -> dict[str, Tensor]:
+    if model.layout != DENSENET121_LAYOUT:
+        raise ValueError(
+            "pretrained='imagenet' holds DenseNet-121 weights, so it needs growth_rate=32, "
+            "block_config=[6, 12, 24, 16], num_init_features=64, bn_size=4, compression_rate=0.5 "
+            f"(got {_describe(model.layout)}); use that layout or pretrained=null"
+        )
+    from torchvision.models import DenseNet121_Weights  # torchvision is only needed here
+
+    url = DenseNet121_Weights.IMAGENET1K_V1.url
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash is a RuntimeError
+        raise ValueError(
+            f"pretrained='imagenet' could not fetch {url} ({_first_line(exc)}); on a machine without "
+            f"internet put {url.rsplit('/', 1)[-1]} in {Path(torch.hub.get_dir()) / 'checkpoints'}, "
+            "or set pretrained to the path of a state-dict file, or to null"
+        ) from exc
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ValueError(
+            f"pretrained file {path} does not exist; set pretrained to an existing state-dict file, "
+            "'imagenet' or null"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling, zip and weights_only refusals all mean "not a state dict we load"
+        raise ValueError(
+            f"pretrained file {path} is not a readable PyTorch state dict ({_first_line(exc)}); "
+            "save one with torch.save(model.state_dict(), path)"
+        ) from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # a Lightning checkpoint
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"pretrained file {path} holds a {type(obj).__name__}, not a state dict; "
+            "save one with torch.save(model.state_dict(), path)"
+        )
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _torchvision_keys(state_dict: Mapping[str, Tensor], label: str) -> dict[str, Tensor]:
+    """Strip a wrapper prefix ("model.", "module.") and rename pre-0.3 torchvision layer keys."""
+    prefix = next((k[: -len(_ANCHOR_KEY)] for k in state_dict if k.endswith(_ANCHOR_KEY)), None)
+    if prefix is None:
+        raise ValueError(
+            f"pretrained {label} holds no DenseNet weights (no key ending in {_ANCHOR_KEY}); "
+            "point pretrained at a DenseNet state dict or set it to null"
+        )
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+            renamed[_OLD_LAYER_KEY.sub(r"\1\2", key)] = value
+    return renamed
+
+
+def _layout_mismatch(model: DenseNetSE, state_dict: Mapping[str, Tensor], label: str, detail: str) -> None:
+    found = _infer_layout(state_dict)
+    raise ValueError(
+        f"pretrained {label} does not match this model's layout: {detail}; the model has "
+        f"{_describe(model.layout)}{f' and the file looks like {found}' if found else ''}; "
+        "build the model with the file's layout or set pretrained to null"
+    )
+
+
+def _infer_layout(state_dict: Mapping[str, Tensor]) -> str:
+    """Best-effort description of the layout a torchvision-format DenseNet state dict was saved from."""
+    try:
+        growth_rate = state_dict["features.denseblock1.denselayer1.conv2.weight"].shape[0]
+        bottleneck = state_dict["features.denseblock1.denselayer1.conv1.weight"].shape[0]
+        layers: dict[int, int] = {}
+        for key in state_dict:
+            match = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key)
+            if match:
+                block, layer = int(match[1]), int(match[2])
+                layers[block] = max(layers.get(block, 0), layer)
+        layout = {
+            "growth_rate": growth_rate,
+            "block_config": tuple(layers[b] for b in sorted(layers)),
+            "num_init_features": state_dict[_ANCHOR_KEY].shape[0],
+            "bn_size": bottleneck // growth_rate,
+        }
+    except (KeyError, IndexError, ZeroDivisionError):
+        return ""
+    return _describe(layout)
+
+
+def _describe(layout: Mapping[str, object]) -> str:
+    return ", ".join(
+        f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in layout.items() if v is not None
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
