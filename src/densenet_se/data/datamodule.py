@@ -1,0 +1,420 @@
+"""ImageFolderDataModule: scan, check, split and decode an ImageFolder tree once, then serve uint8 batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from densenet_se.data import cache as cache_lib
+from densenet_se.data.augment import augment_batch, build_augmentation
+from densenet_se.data.images import (
+    MAX_IMAGE_PIXELS,
+    BadImageError,
+    decode_image,
+    normalize,
+    scan_image_folder,
+    standardize,
+)
+from densenet_se.data.split import SPLITS, check_fractions, make_split, split_class_counts
+from densenet_se.errors import UserError
+from densenet_se.io import atomic_write_text
+
+log = logging.getLogger("densenet_se.data")
+
+CACHE_MODES = ("none", "memory", "disk", "device")
+BAD_FILE_MODES = ("skip", "error")
+
+
+class CachedImages(Dataset):
+    """Items of a decoded uint8 tensor: (image [3,S,S], label) for the given global indices."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]) -> None:
+        self.images, self.labels, self.indices = images, labels, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        return self.images[j], self.labels[j]
+
+
+class FileImages(Dataset):
+    """Items decoded from disk on every access (cache="none", the notebook's way)."""
+
+    def __init__(
+        self,
+        root: Path,
+        files: list[str],
+        labels: torch.Tensor,
+        indices: Sequence[int],
+        image_size: int,
+        max_pixels: int,
+    ) -> None:
+        self.root, self.files, self.labels, self.indices = root, files, labels, list(indices)
+        self.image_size, self.max_pixels = image_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        path = self.root / self.files[j]
+        try:
+            image = decode_image(path, self.image_size, self.max_pixels)
+        except (BadImageError, OSError) as err:
+            raise UserError(
+                f"image file {path} changed or became unreadable during training: {err}."
+            ) from None
+        return image, self.labels[j]
+
+
+class DeviceBatches:
+    """Batches indexed straight out of a tensor that already lives on the device: no workers, no copies.
+
+    Lightning accepts any iterable with a length as a dataloader. Shuffling uses its own generator seeded
+    from torch's global RNG when built (so `seed_everything` fixes it) plus the epoch number, which keeps
+    the order identical across DDP ranks; each rank takes every world_size-th item, padded like
+    DistributedSampler so all ranks see the same number of batches.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Sequence[int],
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if shuffle else 0
+        self.epoch = 0
+
+    def _per_rank(self) -> int:
+        return -(-len(self.indices) // self.world_size)
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = order[torch.randperm(len(order), generator=generator)]
+        self.epoch += 1
+        if self.world_size > 1:
+            total = self._per_rank() * self.world_size
+            order = torch.cat([order, order[: total - len(order)]])[self.rank :: self.world_size]
+        order = order.to(self.images.device, non_blocking=True)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """An ImageFolder tree (one sub-folder per class) as stratified train/val[/test] splits of uint8 batches.
+
+    Loaders yield (uint8 images [N,3,S,S], int64 labels [N]); `on_after_batch_transfer` turns the images
+    into ImageNet-normalised float32 on the device and augments them while training.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/monkeypox",
+        image_size: int = 224,
+        batch_size: int = 32,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        split_seed: int = 428,
+        num_workers: int = 0,
+        cache: str = "memory",
+        cache_dir: str | None = None,
+        augment: bool = False,
+        on_bad_file: str = "skip",
+        demo: bool = False,
+        output_dir: str | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        extensions: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if int(image_size) < 32:
+            raise UserError(
+                f"data.image_size={image_size} must be at least 32 pixels (DenseNet downsamples 32x)."
+            )
+        if int(batch_size) < 1:
+            raise UserError(f"data.batch_size={batch_size} must be at least 1.")
+        if int(num_workers) < 0:
+            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
+        if cache not in CACHE_MODES:
+            raise UserError(f"data.cache={cache!r} is not one of {', '.join(CACHE_MODES)}.")
+        if on_bad_file not in BAD_FILE_MODES:
+            raise UserError(f"data.on_bad_file={on_bad_file!r} is not one of {', '.join(BAD_FILE_MODES)}.")
+        if int(max_image_pixels) < 1:
+            raise UserError(f"data.max_image_pixels={max_image_pixels} must be a positive number of pixels.")
+        check_fractions(float(val_fraction), float(test_fraction))
+        self.root = Path(root).expanduser()
+        self.image_size, self.batch_size = int(image_size), int(batch_size)
+        self.val_fraction, self.test_fraction, self.split_seed = (
+            float(val_fraction),
+            float(test_fraction),
+            int(split_seed),
+        )
+        self.num_workers, self.cache, self.augment, self.on_bad_file = (
+            int(num_workers),
+            cache,
+            bool(augment),
+            on_bad_file,
+        )
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_lib.default_cache_dir()
+        self.demo = bool(demo)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
+        self.max_image_pixels = int(max_image_pixels)
+        self.extensions = list(extensions) if extensions is not None else None
+        # filled by setup()
+        self.class_names: list[str] = []
+        self.num_classes = 0
+        self.has_test = False
+        self.split: dict = {}
+        self.bad_files: list[tuple[str, str]] = []
+        self.files: list[str] = []
+        self._labels = torch.empty(0, dtype=torch.long)
+        self._images: torch.Tensor | None = None
+        self._indices: dict[str, list[int]] = {}
+        self._on_device: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._augmentation: torch.nn.Module | None = None
+
+    # ---- preparing -------------------------------------------------------------------------------
+    def _is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+    def _check_root(self) -> Path:
+        if self.demo:
+            from densenet_se.data.demo import ensure_demo_dataset
+
+            return ensure_demo_dataset(self.root)
+        if not self.root.exists():
+            raise UserError(
+                f"data.root={self.root} does not exist: set data.root=<folder with one sub-folder per class>,"
+                " or run with experiment=demo to try the bundled synthetic data set."
+            )
+        if not self.root.is_dir():
+            raise UserError(
+                f"data.root={self.root} is a file; set data.root to a folder with one sub-folder per class."
+            )
+        return self.root
+
+    def prepare_data(self) -> None:
+        """Once per node before setup: generate the demo set and fill the disk cache, so ranks only read."""
+        root = self._check_root()
+        if self.cache == "disk":
+            self._decoded(root, scan_image_folder(root, self.extensions).files)
+
+    def _decoded(
+        self, root: Path, files: list[str]
+    ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]]]:
+        """(indices of good files, their uint8 images or None if cache="none", bad files), cached as asked."""
+        stats = cache_lib.file_stats(root, files)
+        if self.cache == "none":
+            known = cache_lib.load_check_index(self.cache_dir, root, self.max_image_pixels)
+            bad, results = cache_lib.check_files(root, stats, self.max_image_pixels, known)
+            if results != known and self._is_global_zero():
+                cache_lib.save_check_index(self.cache_dir, root, self.max_image_pixels, results)
+            bad_set = {rel for rel, _ in bad}
+            return [i for i, rel in enumerate(files) if rel not in bad_set], None, bad
+        if self.cache == "disk":
+            key = cache_lib.cache_key(root, stats, self.image_size, self.max_image_pixels)
+            path = cache_lib.disk_cache_path(self.cache_dir, key, self.image_size)
+            entry = cache_lib.load_disk_cache(path)
+            if entry is not None:
+                position = {rel: i for i, rel in enumerate(files)}
+                good = [position[rel] for rel in entry["files"]]
+                return good, entry["images"], [tuple(b) for b in entry["bad"]]
+            good, images, bad = cache_lib.decode_files(root, files, self.image_size, self.max_image_pixels)
+            if self._is_global_zero():
+                cache_lib.save_disk_cache(path, [files[i] for i in good], bad, images)
+            return good, images, bad
+        return cache_lib.decode_files(root, files, self.image_size, self.max_image_pixels)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan, check, split and decode; safe to call again (Lightning calls it once per stage)."""
+        if self.split:
+            return
+        root = self._check_root()
+        scan = scan_image_folder(root, self.extensions)
+        if not scan.files:
+            raise UserError(
+                f"data.root={root} has no images in class sub-folders; expected {root}/<class>/<image>.jpg."
+            )
+        good, images, bad = self._decoded(root, scan.files)
+        self._report_bad(root, bad, len(scan.files))
+        if not good:
+            raise UserError(f"data.root={root} has no readable images ({len(bad)} files could not be read).")
+        # Classes whose every file is unreadable are dropped like empty folders, and labels renumbered.
+        used = sorted({scan.labels[i] for i in good})
+        for label in set(range(len(scan.class_names))) - set(used):
+            log.warning("ignoring folder %s: none of its images can be read", root / scan.class_names[label])
+        relabel = {old: new for new, old in enumerate(used)}
+        class_names = [scan.class_names[old] for old in used]
+        if len(class_names) < 2:
+            raise UserError(
+                f"data.root={root} has {len(class_names)} class folder(s) with readable images "
+                f"({', '.join(class_names) or 'none'}); at least 2 are needed, one sub-folder per class."
+            )
+        self.files = [scan.files[i] for i in good]
+        labels = [relabel[scan.labels[i]] for i in good]
+        split = make_split(self.files, labels, self.val_fraction, self.test_fraction, self.split_seed)
+        position = {rel: i for i, rel in enumerate(self.files)}
+        self._indices = {name: [position[rel] for rel, _ in split[name]] for name in SPLITS}
+        self._labels = torch.tensor(labels, dtype=torch.long)
+        self._images = images
+        self._root = root
+        self.class_names, self.num_classes = class_names, len(class_names)
+        self.has_test = bool(split["test"])
+        counts = split_class_counts(split, self.num_classes)
+        self.split = {"root": str(root), "class_names": class_names, **split, "counts": counts}
+        self._warn_missing_classes(counts)
+        self._write_split()
+
+    def _warn_missing_classes(self, counts: dict[str, list[int]]) -> None:
+        for name in ("val", "test"):
+            if name == "test" and not self.has_test:
+                continue
+            missing = [c for c, n in zip(self.class_names, counts[name], strict=True) if n == 0]
+            if missing:
+                log.warning(
+                    "the %s split has no images of class %s (too few): raise data.%s_fraction or add images",
+                    name,
+                    ", ".join(missing),
+                    name,
+                )
+
+    def _report_bad(self, root: Path, bad: list[tuple[str, str]], total: int) -> None:
+        self.bad_files = [(str(root / rel), reason) for rel, reason in bad]
+        if not bad:
+            return
+        listing = None
+        if self.output_dir is not None:
+            listing = self.output_dir / "bad_files.txt"
+            if self._is_global_zero():
+                atomic_write_text(listing, "".join(f"{p}\t{r}\n" for p, r in self.bad_files))
+        if self.on_bad_file == "error":
+            shown = "; ".join(f"{p}: {r}" for p, r in self.bad_files[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise UserError(
+                f"data.root={root} has {len(bad)} unreadable image files ({shown}{more}); "
+                "fix or remove them, or set data.on_bad_file=skip to leave them out."
+            )
+        where = (
+            f"listed in {listing}" if listing else f"first: {self.bad_files[0][0]}: {self.bad_files[0][1]}"
+        )
+        log.warning("skipped %d of %d image files that cannot be read (%s)", len(bad), total, where)
+
+    def _write_split(self) -> None:
+        if self.output_dir is None or not self._is_global_zero():
+            return
+        # One [path, label] pair per line keeps split.json readable and diffable.
+        lines = ["{"]
+        head = {k: v for k, v in self.split.items() if k not in SPLITS}
+        for key, value in head.items():
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)},")
+        for n, name in enumerate(SPLITS):
+            pairs = ",\n".join(f"    {json.dumps(pair)}" for pair in self.split[name])
+            body = f"[\n{pairs}\n  ]" if pairs else "[]"
+            lines.append(f"  {json.dumps(name)}: {body}{',' if n < len(SPLITS) - 1 else ''}")
+        lines.append("}")
+        atomic_write_text(self.output_dir / "split.json", "\n".join(lines) + "\n")
+
+    # ---- loaders ---------------------------------------------------------------------------------
+    def _require_setup(self) -> None:
+        if not self.split:
+            self.setup()
+
+    def _device(self) -> torch.device:
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def _dataset(self, name: str) -> Dataset:
+        indices = self._indices[name]
+        if self._images is None:
+            return FileImages(
+                self._root, self.files, self._labels, indices, self.image_size, self.max_image_pixels
+            )
+        return CachedImages(self._images, self._labels, indices)
+
+    def _loader(self, name: str, shuffle: bool):
+        self._require_setup()
+        if name == "test" and not self.has_test:
+            raise UserError(
+                "there is no test split: set data.test_fraction (e.g. 0.1) to hold out a test set."
+            )
+        n = len(self._indices[name])
+        # A last training batch of one image breaks BatchNorm ("Expected more than 1 value per channel").
+        drop_last = shuffle and n % self.batch_size == 1 and n > 1
+        if self.cache == "device":
+            device = self._device()
+            if self._on_device is None or self._on_device[0] != device:
+                assert self._images is not None
+                self._on_device = (device, self._images.to(device), self._labels.to(device))
+            _, images, labels = self._on_device
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return DeviceBatches(
+                images, labels, self._indices[name], self.batch_size, shuffle, drop_last, rank, world
+            )
+        generator = None
+        if shuffle:  # seeded from torch's global RNG, i.e. by Lightning's seed_everything
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return DataLoader(
+            self._dataset(name),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=generator,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images to normalised float32 on the device; augmented while training if data.augment."""
+        if isinstance(batch, torch.Tensor):
+            # A bare image tensor (the model summary's example input, predict batches): float passes through.
+            return batch if batch.is_floating_point() else normalize(batch)
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        if self.augment and training:
+            if self._augmentation is None:
+                self._augmentation = build_augmentation()
+            unit = augment_batch(self._augmentation, images.float().div_(255.0))
+            return standardize(unit), labels
+        return normalize(images), labels
+
+    def teardown(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._on_device = None  # free the device copy; the host cache stays for a later stage
