@@ -136,6 +136,8 @@ def decode_files(
             return decode_image(root / rel, image_size, max_image_pixels)
         except BadImageError as err:
             return str(err)
+        except FileNotFoundError:
+            return "file disappeared while reading"
 
     images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
     good: list[int] = []

@@ -140,7 +140,7 @@ def decode_image(
                 log.debug("ignoring unreadable EXIF orientation in %s: %s", path, err)
             rgb = _to_rgb(im).resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(rgb, dtype=np.uint8)
-    except BadImageError:
+    except (BadImageError, FileNotFoundError):
         raise
     except UnidentifiedImageError:
         raise BadImageError("not an image PIL can read (unknown format or corrupt header)") from None
@@ -148,7 +148,7 @@ def decode_image(
         raise BadImageError(f"decompression bomb: {err}") from None
     except OSError as err:
         reason = str(err) or type(err).__name__
-        if "truncated" in reason:
+        if "truncated" in reason.lower():
             reason = "truncated image file"
         raise BadImageError(f"unreadable: {reason}") from None
     except Exception as err:  # PIL plugins raise all sorts (SyntaxError, struct.error, ValueError...)
@@ -162,6 +162,8 @@ def check_image(path: str | os.PathLike[str], max_image_pixels: int = MAX_IMAGE_
         decode_image(path, 32, max_image_pixels)
     except BadImageError as err:
         return str(err)
+    except FileNotFoundError:
+        return "file not found"
     return None
 
 
