@@ -74,6 +74,16 @@ def test_setup_writes_split_json_and_sets_attributes(tree, tmp_path):
     assert again.split["val"] == saved["val"]
 
 
+def test_only_global_rank_zero_writes_files(tree, tmp_path):
+    write_bad_files(tree / "Others" / "junk")
+    out = tmp_path / "run"
+    dm = _dm(tree, tmp_path, output_dir=str(out), cache="disk")
+    dm.trainer = SimpleNamespace(is_global_zero=False, training=False)
+    dm.setup()
+    assert len(dm.bad_files) == 5 and dm.split["train"]
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 def test_setup_is_idempotent(tree, tmp_path, count_decodes):
     dm = _dm(tree, tmp_path)
     dm.setup("fit")
