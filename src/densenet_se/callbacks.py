@@ -1,0 +1,235 @@
+"""Run reports: metrics.json, curves.png, samples.png, confusion matrices, TensorBoard images and HParams."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from densenet_se import plots
+from densenet_se.io import atomic_write_text
+
+log = logging.getLogger("densenet_se")
+
+EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc", "val_f1")
+
+
+def _scalar(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    value = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return value if math.isfinite(value) else None
+
+
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's TensorBoard logger, if one is configured."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger
+    return None
+
+
+class RunReport(L.Callback):
+    """Keeps the per-epoch history (saved in checkpoints, so resume continues it) and writes the run's reports.
+
+    Only rank 0 writes files; every write is atomic, so a kill never leaves a half file.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, hparams: dict[str, Any] | None = None, num_samples: int = 32
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.hparams = hparams or {}
+        self.num_samples = num_samples
+        self.epochs: list[dict[str, Any]] = []
+        self.confmats: dict[int, list[list[int]]] = {}
+        self.class_names: list[str] = []
+        self.test: dict[str, Any] | None = None
+        self.total_seconds = 0.0
+        self._epoch_start: float | None = None
+        self._validated_epoch: int | None = None
+
+    # Lightning stores this in every checkpoint (plain values only), so a resumed run keeps its history.
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "confmats": {str(k): v for k, v in self.confmats.items()},
+            "total_seconds": self.total_seconds,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning also restores callbacks when testing a checkpoint: an older checkpoint must not erase the
+        # history this run already holds, so restore only into an empty report (i.e. when resuming).
+        if self.epochs:
+            return
+        self.epochs = list(state_dict.get("epochs", []))
+        self.confmats = {int(k): v for k, v in state_dict.get("confmats", {}).items()}
+        self.total_seconds = float(state_dict.get("total_seconds", 0.0))
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.class_names = list(pl_module.hparams.get("class_names", []))
+        if not trainer.is_global_zero:
+            return
+        self._write_samples(trainer)
+        self._write_hparams(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the module's,
+        # which is where the epoch's confusion matrix is computed.
+        if trainer.sanity_checking:
+            return
+        self._validated_epoch = trainer.current_epoch
+        if not trainer.is_global_zero:
+            return
+        matrix = getattr(pl_module, "last_val_confmat", None)
+        if matrix is None:
+            return
+        self.confmats[trainer.current_epoch] = matrix
+        tb = tensorboard_logger(trainer)
+        if tb is not None:
+            fig = plots.confusion_matrix_figure(
+                matrix, self.class_names, f"validation, epoch {trainer.current_epoch + 1}"
+            )
+            tb.experiment.add_image("val/confusion_matrix", plots.figure_to_array(fig), trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - (self._epoch_start or time.perf_counter())
+        metrics = trainer.callback_metrics
+        row: dict[str, Any] = {"epoch": trainer.current_epoch}
+        for key in EPOCH_KEYS:
+            row[key] = _scalar(metrics, key.replace("_", "/", 1))
+        if self._validated_epoch != trainer.current_epoch:
+            row["val_loss"] = row["val_acc"] = row["val_auroc"] = row["val_f1"] = (
+                None  # no validation this epoch
+            )
+        row["seconds"] = round(seconds, 3)
+        self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
+        self.total_seconds += seconds
+        if trainer.is_global_zero:
+            self.write_metrics(trainer)
+            log.info(
+                "epoch %d/%d  loss %s  acc %s  val_loss %s  val_acc %s  %.1fs",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                _fmt(row["train_loss"]),
+                _fmt(row["train_acc"]),
+                _fmt(row["val_loss"]),
+                _fmt(row["val_acc"]),
+                seconds,
+            )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.write_metrics(trainer)
+        if self.epochs:
+            plots.save_figure(plots.curves_figure(self.epochs), self.run_dir / "curves.png")
+        best = self.best()
+        if best is not None and best["epoch"] in self.confmats:
+            fig = plots.confusion_matrix_figure(
+                self.confmats[best["epoch"]], self.class_names, f"validation, best epoch {best['epoch'] + 1}"
+            )
+            plots.save_figure(fig, self.run_dir / "confusion_matrix.png")
+
+    # ------------------------------------------------------------------------------------------------ reports
+    def best(self) -> dict[str, Any] | None:
+        """The epoch with the highest validation accuracy (the first one on ties, like ModelCheckpoint)."""
+        scored = [r for r in self.epochs if r.get("val_acc") is not None]
+        if not scored:
+            return None
+        return max(scored, key=lambda r: (r["val_acc"], -r["epoch"]))
+
+    def summary(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        best = self.best()
+        best_path = None
+        if trainer is not None and trainer.checkpoint_callback is not None:
+            path = getattr(trainer.checkpoint_callback, "best_model_path", "")
+            best_path = str(Path(path).resolve()) if path else None
+        return {
+            "best_val_acc": best["val_acc"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "best_checkpoint": best_path,
+            "class_names": self.class_names,
+            "epochs": self.epochs,
+            "total_seconds": round(self.total_seconds, 3),
+            "test": self.test,
+            **({"hparams": self.hparams} if self.hparams else {}),
+        }
+
+    def write_metrics(self, trainer: L.Trainer | None = None, extra: dict[str, Any] | None = None) -> None:
+        data = self.summary(trainer)
+        if extra:
+            data.update(extra)
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(data, indent=2) + "\n")
+
+    def _write_samples(self, trainer: L.Trainer) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            return
+        try:
+            images, labels = next(iter(datamodule.train_dataloader()))
+        except StopIteration:
+            return
+        images = images[: self.num_samples]
+        labels = labels[: self.num_samples]
+        if images.dtype != torch.uint8:  # a data module that yields float tensors in [0, 1]
+            images = (images.clamp(0, 1) * 255).to(torch.uint8)
+        array = images.cpu().numpy()
+        fig = plots.sample_grid_figure(array, labels.tolist(), self.class_names)
+        tb = tensorboard_logger(trainer)
+        if tb is not None:
+            fig_copy = plots.sample_grid_figure(array, labels.tolist(), self.class_names)
+            tb.experiment.add_image("samples", plots.figure_to_array(fig_copy), 0)
+        plots.save_figure(fig, self.run_dir / "samples.png")
+
+    def _write_hparams(self, trainer: L.Trainer) -> None:
+        tb = tensorboard_logger(trainer)
+        if tb is None or not self.hparams:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        flat = {k: _hparam_value(v) for k, v in _flatten(self.hparams).items()}
+        # Declare the metric without writing a placeholder value: the dashboard then shows the run's latest
+        # `val/acc_best` scalar, never a stale -1.
+        exp, ssi, sei = hparams_summary(flat, {"val/acc_best": math.nan})
+        writer = tb.experiment._get_file_writer()
+        for summary in (exp, ssi, sei):
+            writer.add_summary(summary)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _hparam_value(value: Any) -> int | float | str | bool:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return str(list(value))
+    return str(value)

@@ -1,0 +1,103 @@
+"""Entry-point plumbing: Hydra main with errors shown as one sentence and a non-zero exit.
+
+A bad override, an unknown key, an out-of-range value or a missing data folder prints one line on stderr
+(`error: ...`) and exits with status 2. Set HYDRA_FULL_ERROR=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+import densenet_se.config as config  # registers the schemas in Hydra's ConfigStore
+from densenet_se.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def hydra_entry(
+    task: Callable[[DictConfig], Any], config_name: str, config_dir: str | Path
+) -> Callable[[], Any]:
+    """Wrap `task` as a Hydra app reading `config_dir/config_name.yaml`, with one-line errors."""
+
+    @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
+    def _main(cfg: DictConfig) -> Any:
+        return task(cfg)
+
+    def main() -> Any:
+        wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            return _main()
+        except KeyboardInterrupt:
+            print("error: interrupted; checkpoints written so far are kept.", file=sys.stderr)
+            sys.exit(130)
+        except Exception as ex:  # noqa: BLE001 - every failure becomes one sentence for a person
+            if wants_trace:
+                raise
+            print(f"error: {describe(ex)}", file=sys.stderr)
+            if not isinstance(ex, (UserError, ValueError)) and not _is_config_error(ex):
+                print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR if _is_user_error(ex) else 1)
+
+    return main
+
+
+def _is_config_error(ex: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(ex, (HydraException, OmegaConfBaseException))
+
+
+def _is_user_error(ex: BaseException) -> bool:
+    return isinstance(ex, (UserError, ValueError)) or _is_config_error(ex)
+
+
+def describe(ex: BaseException) -> str:
+    """One sentence for a person, from any exception raised while composing or running."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(ex, UserError):
+        return str(ex)
+    if isinstance(ex, MissingConfigException):
+        missing = (ex.missing_cfg_file or "").strip("/")
+        if ex.options:
+            group, _, name = missing.rpartition("/")
+            close = difflib.get_close_matches(name, list(ex.options), n=1)
+            hint = f" Did you mean {group}={close[0]}?" if close else ""
+            return f"{group}={name} is not a known option; choose one of: {', '.join(ex.options)}.{hint}"
+        return _first_line(str(ex))
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse the override {ex.override!r}: {_first_line(str(ex))}"
+    cause = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        key = str(cause.full_key)
+        close = config.closest_key(key)
+        if close == key:  # a real argument that the YAML does not list
+            return f"{key} is not in the config; add it with +{key}=VALUE"
+        hint = f"; did you mean {close}?" if close else "; see the keys in conf/ or the README"
+        return f"{key} is not a valid config key{hint}"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {_first_line(cause.msg if hasattr(cause, 'msg') else str(cause))}"
+    if isinstance(cause, OmegaConfBaseException):
+        return _first_line(str(cause))
+    if isinstance(ex, ValueError):
+        return _first_line(str(ex))
+    return f"{type(ex).__name__}: {_first_line(str(ex))}"
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return text.strip()

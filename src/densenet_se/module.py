@@ -1,0 +1,266 @@
+"""The LightningModule: DenseNetSE + cross-entropy + Adam, with torchmetrics per stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
+
+from densenet_se.errors import UserError
+from densenet_se.models import DenseNetSE
+
+MODEL_KEYS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression_rate",
+    "drop_rate",
+    "se_reduction",
+    "se_placement",
+    "memory_efficient",
+    "pretrained",
+)
+
+
+class DenseNetSEClassifier(L.LightningModule):
+    """DenseNetSE trained with cross-entropy; logs `{train,val,test}/{loss,acc,f1,auroc}` and `val/acc_best`."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        image_size: int = 224,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        # model
+        growth_rate: int = 32,
+        block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        compression_rate: float = 0.5,
+        drop_rate: float = 0.0,
+        se_reduction: int = 8,
+        se_placement: str = "head",
+        memory_efficient: bool = False,
+        pretrained: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        # optimisation
+        optimizer: str = "adam",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "none",
+        warmup_epochs: int = 0,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        # Plain values only (lists, not tuples or OmegaConf nodes): checkpoints must load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "num_classes": int(num_classes),
+                "class_names": list(class_names) if class_names else [str(i) for i in range(num_classes)],
+                "image_size": int(image_size),
+                "mean": [float(m) for m in mean],
+                "std": [float(s) for s in std],
+                "growth_rate": growth_rate,
+                "block_config": [int(b) for b in block_config],
+                "num_init_features": num_init_features,
+                "bn_size": bn_size,
+                "compression_rate": float(compression_rate),
+                "drop_rate": float(drop_rate),
+                "se_reduction": se_reduction,
+                "se_placement": se_placement,
+                "memory_efficient": bool(memory_efficient),
+                "pretrained": pretrained,
+                "channels_last": bool(channels_last),
+                "compile": bool(compile),
+                "optimizer": optimizer,
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "momentum": float(momentum),
+                "scheduler": scheduler,
+                "warmup_epochs": int(warmup_epochs),
+                "label_smoothing": float(label_smoothing),
+                "class_weights": [float(w) for w in class_weights] if class_weights is not None else None,
+            }
+        )
+        hp = self.hparams
+        if hp.class_weights is not None and len(hp.class_weights) != num_classes:
+            raise UserError(
+                f"optim.class_weights has {len(hp.class_weights)} values but the data has {num_classes} classes "
+                f"({', '.join(hp.class_names)}); give one weight per class or 'balanced'."
+            )
+        self.model = DenseNetSE(num_classes=num_classes, **{k: hp[k] for k in MODEL_KEYS})
+        if hp.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # Kept out of the module tree so the state-dict keys stay `model.*` whether or not compile is on.
+        object.__setattr__(self, "_forward", torch.compile(self.model) if hp.compile else self.model)
+        weights = torch.tensor(hp.class_weights) if hp.class_weights is not None else None
+        self.register_buffer("class_weight", weights, persistent=False)
+        self.example_input_array = torch.zeros(1, 3, hp.image_size, hp.image_size)
+
+        def metrics() -> MetricCollection:
+            return MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "f1": MulticlassF1Score(num_classes, average="macro"),
+                    # Macro one-vs-rest; with two classes this equals the binary AUROC.
+                    "auroc": MulticlassAUROC(num_classes, average="macro"),
+                }
+            )
+
+        self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")})
+        self.val_metrics = metrics()
+        self.test_metrics = metrics()
+        self.val_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        self.val_acc_best = MaxMetric()
+        # Filled at each validation epoch end; the run-report callback reads them (rank 0 only writes files).
+        self.last_val_confmat: list[list[int]] | None = None
+        self.last_test_confmat: list[list[int]] | None = None
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward(x)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weight.to(logits.dtype) if self.class_weight is not None else None
+        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.hparams.label_smoothing)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def on_train_start(self) -> None:
+        # The sanity check must not leave a best value behind.
+        self.val_acc_best.reset()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        self.train_metrics.update(logits.detach(), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log("train/acc", self.train_metrics["acc"], on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        probs = logits.float().softmax(dim=1)
+        collection = self.val_metrics if stage == "val" else self.test_metrics
+        confmat = self.val_confmat if stage == "val" else self.test_confmat
+        collection.update(probs, y)
+        confmat.update(probs, y)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=y.shape[0],
+            sync_dist=True,
+        )
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, torch.Tensor]:
+        collection = self.val_metrics if stage == "val" else self.test_metrics
+        confmat = self.val_confmat if stage == "val" else self.test_confmat
+        # compute() syncs across processes under DDP, so every rank sees whole-set metrics.
+        values = collection.compute()
+        matrix = confmat.compute()
+        collection.reset()
+        confmat.reset()
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "acc")
+        as_list = [[int(v) for v in row] for row in matrix.tolist()]
+        if stage == "val":
+            self.last_val_confmat = as_list
+        else:
+            self.last_test_confmat = as_list
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._eval_epoch_end("val")
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["acc"])
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities, [N, num_classes]."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).float().softmax(dim=1)
+
+    # ------------------------------------------------------------------------------------------------ optim
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = self.parameters()
+        if hp.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
+            )
+        else:
+            raise UserError(
+                f"optim.optimizer={hp.optimizer!r} is not allowed; choose one of: adam, adamw, sgd."
+            )
+        scheduler = self._scheduler(opt)
+        if scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": scheduler}
+
+    def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+        hp = self.hparams
+        max_epochs = max(int(self.trainer.max_epochs or 1), 1) if self._trainer is not None else 1
+        if hp.scheduler == "none":
+            main = None
+        elif hp.scheduler == "cosine":
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(max_epochs - hp.warmup_epochs, 1)
+            )
+        elif hp.scheduler == "step":
+            main = torch.optim.lr_scheduler.StepLR(opt, step_size=max(max_epochs // 3, 1), gamma=0.1)
+        elif hp.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=3)
+            return {"scheduler": plateau, "monitor": "val/acc", "interval": "epoch"}
+        else:
+            raise UserError(
+                f"optim.scheduler={hp.scheduler!r} is not allowed; choose one of: none, cosine, step, plateau."
+            )
+        if hp.warmup_epochs > 0:
+            warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=hp.warmup_epochs)
+            main = (
+                warm
+                if main is None
+                else torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[hp.warmup_epochs])
+            )
+        return None if main is None else {"scheduler": main, "interval": "epoch"}
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain DenseNetSE inside a classifier (for export and state-dict files)."""
+    return module.model if isinstance(module, DenseNetSEClassifier) else module

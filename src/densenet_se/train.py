@@ -1,0 +1,172 @@
+"""The training task: data, module, callbacks, loggers, Trainer; fit, then test the best checkpoint."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from densenet_se.callbacks import RunReport
+from densenet_se.config import closest_key, plain, validate
+from densenet_se.data import ImageFolderDataModule
+from densenet_se.errors import UserError
+from densenet_se.module import DenseNetSEClassifier
+
+log = logging.getLogger("densenet_se")
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's own messages through the root handlers (console + the run's log file).
+
+    Lightning adds its own console handler and stops propagation when it is imported before logging is set up,
+    which would keep its messages out of `train.log`.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def build_datamodule(cfg: DictConfig, output_dir: str | Path | None) -> ImageFolderDataModule:
+    """The data module from `cfg.data` (plain keyword arguments), writing its reports to `output_dir`."""
+    return ImageFolderDataModule(**plain(cfg.data), output_dir=str(output_dir) if output_dir else None)
+
+
+def class_weights(cfg: DictConfig, datamodule: ImageFolderDataModule) -> list[float] | None:
+    """`optim.class_weights`: a list as given, or inverse class frequency over the training split for 'balanced'."""
+    weights = plain(cfg.optim.class_weights)
+    if weights != "balanced":
+        return weights
+    counts = [0] * datamodule.num_classes
+    for _, label in datamodule.split["train"]:
+        counts[label] += 1
+    total = sum(counts)
+    return [total / (len(counts) * c) if c else 0.0 for c in counts]
+
+
+def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> DenseNetSEClassifier:
+    optim = plain(cfg.optim)
+    optim["class_weights"] = class_weights(cfg, datamodule)
+    return DenseNetSEClassifier(
+        num_classes=datamodule.num_classes,
+        class_names=datamodule.class_names,
+        image_size=cfg.data.image_size,
+        **plain(cfg.model),
+        **optim,
+    )
+
+
+def _instantiate_all(section: DictConfig, what: str) -> list[Any]:
+    objects = []
+    for name, node in (section or {}).items():
+        if node is None or not OmegaConf.is_dict(node) or "_target_" not in node:
+            continue
+        try:
+            objects.append(instantiate(node))
+        except Exception as ex:  # the one sentence names the entry that failed
+            raise UserError(f"{what}.{name} could not be created: {_cause(ex)}") from ex
+    return objects
+
+
+def _cause(ex: BaseException) -> str:
+    while ex.__cause__ is not None:
+        ex = ex.__cause__
+    return str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg.trainer` checked against Lightning's Trainer signature (unknown keys name the closest valid one)."""
+    kwargs = plain(cfg.trainer) or {}
+    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+    for key in kwargs:
+        if key not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f"; did you mean trainer.{close[0]}?" if close else "; see Lightning's Trainer arguments"
+            raise UserError(f"trainer.{key} is not a Trainer argument{hint}")
+    return kwargs
+
+
+def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters shown in TensorBoard's HParams table and stored in metrics.json."""
+    return {
+        "model": plain(cfg.model),
+        "optim": plain(cfg.optim),
+        "data": {
+            k: plain(cfg.data[k])
+            for k in ("image_size", "batch_size", "val_fraction", "test_fraction", "split_seed", "augment")
+        },
+        "seed": cfg.seed,
+        "max_epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
+    }
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Trainer:
+    callbacks = [report, *_instantiate_all(cfg.callbacks, "callbacks")]
+    loggers = _instantiate_all(cfg.logger, "logger")
+    kwargs = trainer_kwargs(cfg)
+    if kwargs.get("enable_progress_bar") is None:
+        kwargs["enable_progress_bar"] = sys.stdout.isatty()
+    if kwargs["enable_progress_bar"] and sys.stdout.isatty():
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    kwargs.setdefault("default_root_dir", str(run_dir))
+    try:
+        return L.Trainer(callbacks=callbacks, logger=loggers or False, **kwargs)
+    except UserError:
+        raise
+    except Exception as ex:  # Lightning's MisconfigurationException names the flag; keep its first line
+        raise UserError(f"the trainer settings are invalid: {_cause(ex)}") from ex
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train as `cfg` says; return the best validation accuracy (the value sweepers optimise)."""
+    route_lightning_logs()
+    validate(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.print_config:
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run directory: %s", run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = build_datamodule(cfg, run_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    report = RunReport(run_dir, hparams=hparams_for_logging(cfg))
+    trainer = build_trainer(cfg, run_dir, report)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=None)
+    if trainer.interrupted:
+        log.warning("training was interrupted; the last checkpoint is in %s", run_dir / "checkpoints")
+
+    if cfg.test_after_fit and datamodule.has_test:
+        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        test = {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
+        test["confusion_matrix"] = module.last_test_confmat
+        report.test = test
+    if trainer.is_global_zero:
+        report.write_metrics(trainer)
+    best = report.best()
+    if best is not None:
+        log.info(
+            "best val/acc %.4f at epoch %d; checkpoint %s",
+            best["val_acc"],
+            best["epoch"] + 1,
+            report.summary(trainer)["best_checkpoint"],
+        )
+    return best["val_acc"] if best else None
+
+
+__all__ = ["run", "build_datamodule", "build_module", "closest_key"]

@@ -1,0 +1,11 @@
+"""Train a DenseNet+SE classifier: `python train.py experiment=demo` (see README.md)."""
+
+from pathlib import Path
+
+from densenet_se.cli import hydra_entry
+from densenet_se.train import run
+
+main = hydra_entry(run, config_name="train", config_dir=Path(__file__).parent / "conf")
+
+if __name__ == "__main__":
+    main()
