@@ -124,6 +124,17 @@ def test_bad_files_are_skipped_listed_and_warned_once(tree, tmp_path, caplog):
     assert len(listed) == 22 and not any("junk" in p for p in listed)
 
 
+def test_undecodable_file_names_are_handled(tree, tmp_path):
+    bad = os.fsdecode(bytes(tree / "Others") + b"/caf\xe9.jpg")
+    Path(bad).write_bytes(b"")
+    write_image(Path(os.fsdecode(bytes(tree / "Monkeypox") + b"/ni\xf1o.png")), noise_image(7))
+    out = tmp_path / "run"
+    dm = _dm(tree, tmp_path, output_dir=str(out))
+    dm.setup()
+    assert (out / "bad_files.txt").read_bytes().startswith(bytes(tree / "Others") + b"/caf\xe9.jpg\tempty")
+    assert len(dm.files) == 23 and json.loads((out / "split.json").read_text())["counts"]["train"] == [9, 10]
+
+
 def test_bad_files_can_be_an_error(tree, tmp_path):
     write_bad_files(tree / "Others")
     with pytest.raises(UserError, match=r"5 unreadable image files .*empty\.jpg.*data\.on_bad_file=skip"):

@@ -37,9 +37,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Write `text` to `path` atomically."""
-    return _atomic_write(path, lambda f: f.write(text.encode(encoding)))
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, encoding: str = "utf-8", errors: str = "strict"
+) -> Path:
+    """Write `text` to `path` atomically (errors="surrogateescape" keeps undecodable file names as bytes)."""
+    return _atomic_write(path, lambda f: f.write(text.encode(encoding, errors)))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:

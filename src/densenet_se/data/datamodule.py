@@ -312,7 +312,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.output_dir is not None:
             listing = self.output_dir / "bad_files.txt"
             if self._is_global_zero():
-                atomic_write_text(listing, "".join(f"{p}\t{r}\n" for p, r in self.bad_files))
+                atomic_write_text(
+                    listing, "".join(f"{p}\t{r}\n" for p, r in self.bad_files), errors="surrogateescape"
+                )
         if self.on_bad_file == "error":
             shown = "; ".join(f"{p}: {r}" for p, r in self.bad_files[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
