@@ -74,7 +74,9 @@ def test_setup_writes_split_json_and_sets_attributes(tree, tmp_path):
     assert again.split["val"] == saved["val"]
 
 
-def test_only_global_rank_zero_writes_files(tree, tmp_path):
+def test_only_global_rank_zero_writes_files(tree, tmp_path, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
     write_bad_files(tree / "Others" / "junk")
     out = tmp_path / "run"
     dm = _dm(tree, tmp_path, output_dir=str(out), cache="disk")
@@ -82,6 +84,15 @@ def test_only_global_rank_zero_writes_files(tree, tmp_path):
     dm.setup()
     assert len(dm.bad_files) == 5 and dm.split["train"]
     assert not out.exists() and not (tmp_path / "cache").exists()
+    # Before a Trainer is attached (the training app sets up first), the launcher's rank decides.
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    early = _dm(tree, tmp_path, output_dir=str(out), cache="disk")
+    early.prepare_data()
+    early.setup()
+    assert early.split == dm.split and not out.exists() and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    _dm(tree, tmp_path, output_dir=str(out), cache="disk").setup()
+    assert (out / "split.json").is_file() and (out / "bad_files.txt").is_file()
 
 
 def test_setup_is_idempotent(tree, tmp_path, count_decodes):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from densenet_se.data import cache as cache_lib
@@ -201,7 +202,10 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     # ---- preparing -------------------------------------------------------------------------------
     def _is_global_zero(self) -> bool:
-        return self.trainer is None or self.trainer.is_global_zero
+        if self.trainer is not None:
+            return self.trainer.is_global_zero
+        # setup() called before a Trainer exists: Lightning reads the rank from the launcher's environment
+        return rank_zero_only.rank == 0
 
     def _check_root(self) -> Path:
         if self.demo:
@@ -221,6 +225,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Once per node before setup: generate the demo set and fill the disk cache, so ranks only read."""
+        if self.split:  # already set up (the training app calls setup() before fit)
+            return
         root = self._check_root()
         if self.cache == "disk":
             self._decoded(root, scan_image_folder(root, self.extensions).files)
