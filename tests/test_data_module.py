@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import densenet_se.data.datamodule as datamodule_lib
 import densenet_se.data.images as images_lib
+import densenet_se.data.loaders as loaders_lib
 from densenet_se.data import ImageFolderDataModule
-from densenet_se.data.datamodule import DeviceBatches
 from densenet_se.data.images import normalize
+from densenet_se.data.loaders import DeviceBatches
 from densenet_se.errors import UserError
 from imagefactory import make_tree, noise_image, write_bad_files, write_image
 
@@ -50,7 +50,7 @@ def count_decodes(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(images_lib, "decode_image", counting)
-    monkeypatch.setattr(datamodule_lib, "decode_image", counting)
+    monkeypatch.setattr(loaders_lib, "decode_image", counting)
     return calls
 
 
