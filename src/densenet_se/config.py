@@ -34,7 +34,9 @@ class DataConfig:
     on_bad_file: str = "skip"
     demo: bool = False
     pin_memory: bool = False
+    persistent_workers: bool = True
     max_image_pixels: int = 89_478_485
+    extensions: Optional[list[str]] = None
 
 
 @dataclass
