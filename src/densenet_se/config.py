@@ -15,8 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from densenet_se.errors import UserError
 
-# OmegaConf resolves annotations at class-creation time, so these use typing names (Optional, list[...]) that
-# it understands rather than PEP 604 unions.
+# OmegaConf evaluates these annotations (PEP 604 unions and builtin generics work on Python >= 3.10).
 
 
 @dataclass
@@ -36,7 +35,7 @@ class DataConfig:
     pin_memory: bool = False
     persistent_workers: bool = True
     max_image_pixels: int = 89_478_485
-    extensions: Optional[list[str]] = None
+    extensions: list[str] | None = None
 
 
 @dataclass
