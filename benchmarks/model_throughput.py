@@ -120,12 +120,18 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, dict] = {v: {"times": [], "peaks": []} for v in args.variants}
     threads = None
-    for _ in range(args.repeats):
+    for repeat in range(1, args.repeats + 1):
         for variant in args.variants:
             out = run_worker(variant, args)
             results[variant]["times"] += out["times"]
             results[variant]["peaks"].append(out["peak_bytes"])
             threads = out["threads"]
+            print(  # progress on stderr, so a run cut short still leaves figures
+                f"run {repeat}/{args.repeats} {VARIANTS[variant]}: median {statistics.median(out['times']):.4f} "
+                f"s/step, min {min(out['times']):.4f}, peak {out['peak_bytes'] / 2**20:.1f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
 
     rows = {}
     for variant, r in results.items():
