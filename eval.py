@@ -1,0 +1,11 @@
+"""Evaluate a checkpoint on its run's split: `python eval.py ckpt_path=RUN/checkpoints/best.ckpt` (see README.md)."""
+
+from pathlib import Path
+
+from densenet_se.cli import hydra_entry
+from densenet_se.evaluate import run
+
+main = hydra_entry(run, config_name="eval", config_dir=Path(__file__).parent / "conf")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""eval: reproduces training's validation numbers exactly, reports per class, handles removed images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from PIL import Image
+
+import densenet_se.evaluate as evaluate
+from conftest import CONF, split_files
+from densenet_se.errors import UserError
+from trained import run_cli, tiny_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+def eval_cfg(out: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def test_best_checkpoint_on_val_reproduces_training_exactly(run_dir, tmp_path):
+    metrics_json = json.loads((run_dir / "metrics.json").read_text())
+    best_row = next(r for r in metrics_json["epochs"] if r["epoch"] == metrics_json["best_epoch"])
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    result = evaluate.run(eval_cfg(tmp_path, [f"ckpt_path={ckpt}"]))
+    # Exact equality: the same files, decoding, normalisation, batches and metric definitions as training.
+    assert result["acc"] == metrics_json["best_val_acc"]
+    assert result["f1"] == best_row["val_f1"] and result["auroc"] == best_row["val_auroc"]
+    n_val = len(split_files(run_dir / "split.json", "val"))
+    assert result["split"] == "val" and result["n"] == n_val
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["acc"] == result["acc"] and written["split"] == "val"
+    matrix = written["confusion_matrix"]
+    assert sum(map(sum, matrix)) == n_val
+    assert written["acc"] == pytest.approx((matrix[0][0] + matrix[1][1]) / n_val)
+    # Monkeypox (the first class) is the positive class: sensitivity is its recall.
+    assert written["positive_class"] == "Monkeypox"
+    assert written["sensitivity"] == pytest.approx(matrix[0][0] / sum(matrix[0]))
+    assert written["specificity"] == pytest.approx(matrix[1][1] / sum(matrix[1]))
+    assert written["recall_Others"] == written["specificity"]
+    predicted_pox = matrix[0][0] + matrix[1][0]
+    expected = matrix[0][0] / predicted_pox if predicted_pox else None
+    assert written["precision_Monkeypox"] == (pytest.approx(expected) if expected is not None else None)
+    with Image.open(tmp_path / "confusion_matrix.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_test_and_all_splits_use_the_runs_files(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    test = evaluate.run(eval_cfg(tmp_path / "t", [f"ckpt_path={ckpt}", "split=test"]))
+    everything = evaluate.run(
+        eval_cfg(tmp_path / "a", [f"ckpt_path={ckpt}", "split=all", "positive_class=Others"])
+    )
+    sizes = {name: len(split_files(run_dir / "split.json", name)) for name in ("train", "val", "test")}
+    assert test["n"] == sizes["test"] > 0
+    assert everything["n"] == sum(sizes.values())
+    assert everything["sensitivity"] == everything["recall_Others"]
+    # The metrics agree with a direct computation from the checkpoint's predictions.
+    assert 0.0 <= test["acc"] <= 1.0 and 0.0 <= test["auroc"] <= 1.0
+
+
+def test_removed_image_is_one_clear_error_or_skipped_with_on_missing(run_dir, tmp_path):
+    copy = shutil.copytree(Path(json.loads((run_dir / "split.json").read_text())["root"]), tmp_path / "imgs")
+    gone_rel = split_files(run_dir / "split.json", "val")[0][0]
+    (copy / gone_rel).unlink()
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    with pytest.raises(UserError) as info:
+        evaluate.run(eval_cfg(tmp_path / "e", [f"ckpt_path={ckpt}", f"data.root={copy}"]))
+    message = str(info.value)
+    assert f"1 of the {len(split_files(run_dir / 'split.json', 'val'))} val images" in message
+    assert str(copy / gone_rel) in message and "on_missing=skip" in message
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+    result = evaluate.run(
+        eval_cfg(tmp_path / "s", [f"ckpt_path={ckpt}", f"data.root={copy}", "on_missing=skip"])
+    )
+    assert result["n"] == len(split_files(run_dir / "split.json", "val")) - 1
+    assert result["missing"] == [[str(copy / gone_rel), "missing"]]
+
+
+def test_split_file_is_required_and_checked(run_dir, tmp_path):
+    lone = tmp_path / "elsewhere" / "best.ckpt"
+    lone.parent.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "best.ckpt", lone)
+    with pytest.raises(UserError, match="no split.json beside checkpoint .*split_file="):
+        evaluate.run(eval_cfg(tmp_path / "o", [f"ckpt_path={lone}"]))
+    # Given explicitly, the split file makes a moved checkpoint usable (data root from split.json).
+    moved = evaluate.run(
+        eval_cfg(tmp_path / "o", [f"ckpt_path={lone}", f"split_file={run_dir / 'split.json'}"])
+    )
+    metrics_json = json.loads((run_dir / "metrics.json").read_text())
+    assert moved["acc"] == metrics_json["best_val_acc"]
+
+    split = json.loads((run_dir / "split.json").read_text())
+    no_test = tmp_path / "no_test.json"
+    no_test.write_text(json.dumps({**split, "test": []}))
+    with pytest.raises(UserError, match="the test split in .* is empty"):
+        evaluate.run(eval_cfg(tmp_path / "o", [f"ckpt_path={lone}", f"split_file={no_test}", "split=test"]))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**split, "class_names": ["cat", "dog"]}))
+    with pytest.raises(UserError, match=r"lists classes \['cat', 'dog'\] but the checkpoint predicts"):
+        evaluate.run(eval_cfg(tmp_path / "o", [f"ckpt_path={lone}", f"split_file={other}"]))
+    with pytest.raises(UserError, match="positive_class='Cat' is not a class"):
+        evaluate.run(
+            eval_cfg(
+                tmp_path / "o", [f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "positive_class=Cat"]
+            )
+        )
+
+
+def test_compute_metrics_per_class_values():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    m = evaluate.compute_metrics(probs, labels, ["pos", "neg"], None)
+    assert m["confusion_matrix"] == [[2, 1], [1, 1]]
+    assert m["acc"] == pytest.approx(3 / 5)
+    assert m["precision_pos"] == pytest.approx(2 / 3) and m["recall_pos"] == pytest.approx(2 / 3)
+    assert m["precision_neg"] == pytest.approx(1 / 2) and m["recall_neg"] == pytest.approx(1 / 2)
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(1 / 2)
+    # Three classes: no sensitivity/specificity, and a class never predicted has no precision.
+    three = evaluate.compute_metrics(
+        torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]),
+        torch.tensor([0, 1, 2]),
+        ["a", "b", "c"],
+        None,
+    )
+    assert "sensitivity" not in three and three["precision_c"] is None and three["recall_c"] == 0.0
+
+
+def test_eval_py_prints_the_table_and_writes_its_run_dir(run_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval_run"
+    status = run_cli(
+        "eval", [f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={out}"], monkeypatch
+    )
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    best = json.loads((run_dir / "metrics.json").read_text())["best_val_acc"]
+    assert f"accuracy     {best:.4f}   (training logged {best:.4f} for this checkpoint)" in printed
+    for word in (
+        "sensitivity",
+        "specificity",
+        "precision",
+        "recall",
+        "confusion matrix",
+        "Monkeypox",
+        "AUROC",
+    ):
+        assert word in printed, word
+    assert f"written to {out}" in printed
+    assert json.loads((out / "eval.json").read_text())["acc"] == best
+    assert (out / "confusion_matrix.png").is_file() and (out / "eval.log").is_file()
+    assert (out / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "error: ckpt_path is required: python eval.py ckpt_path="),
+        (
+            ["ckpt_path=CKPT", "split=train"],
+            "error: split='train' is not allowed; choose one of: val, test, all.",
+        ),
+        (["ckpt_path=CKPT", "data.rot=x"], "error: data.rot is not a valid config key"),
+    ],
+)
+def test_eval_py_usage_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys, args, expected):
+    args = [a.replace("CKPT", str(run_dir / "checkpoints" / "best.ckpt")) for a in args]
+    status = run_cli("eval", [*args, f"hydra.run.dir={tmp_path / 'r'}"], monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith(expected), err

@@ -1,0 +1,59 @@
+"""One tiny trained run shared by the eval, predict and export tests: trained once per pytest session."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, TINY, make_image_folder
+from test_train import compose_cfg
+
+CLASSES = {"Monkeypox": 24, "Others": 24}
+_RUN: dict[str, Path] = {}
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN dir of a 2-epoch tiny training (val and test splits) with .hydra/config.yaml like a real run."""
+    if "run" not in _RUN:
+        from densenet_se.train import run
+
+        base = tmp_path_factory.mktemp("tiny_run")
+        images = make_image_folder(base / "images", CLASSES, size=40)
+        cfg = compose_cfg(
+            base,
+            [*TINY, f"data.root={images}", "data.test_fraction=0.2", "print_config=false"],
+        )
+        run(cfg)
+        out = base / "run"
+        # Hydra writes this in real runs; in-process runs do not, so save the (already concrete) config.
+        (out / ".hydra").mkdir()
+        OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+        _RUN["run"] = out
+    return _RUN["run"]
+
+
+def entry_point(name: str) -> ModuleType:
+    """Import eval.py / predict.py / export.py from the repo root (their `main` is the CLI)."""
+    module_name = f"_entry_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[module_name] = module
+    return sys.modules[module_name]
+
+
+def run_cli(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run `python <name>.py args...` in this process; returns the exit status."""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored after the test (main() sets it to 1)
+    try:
+        entry_point(name).main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
