@@ -26,7 +26,8 @@ from densenet_se.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MAX_IMAGE_PIXELS,
-    load_image,
+    BadImageError,
+    decode_image,
     normalize,
 )
 from densenet_se.errors import UserError
@@ -111,12 +112,13 @@ def load_batch(
     """(paths that loaded, their uint8 images [n,3,S,S] or None, [(path, reason)] for the ones that did not)."""
 
     def one(path: Path) -> torch.Tensor | str:
+        # decode_image is what load_image wraps; its BadImageError carries the bare reason for the listing.
         try:
-            return load_image(path, image_size, max_image_pixels)
-        except UserError as err:
+            return decode_image(path, image_size, max_image_pixels)
+        except BadImageError as err:
             return str(err)
-        except OSError as err:  # e.g. permission denied
-            return f"cannot read {path}: {err.strerror or err}."
+        except OSError as err:  # gone since listing, permission denied
+            return f"unreadable: {err.strerror or err}"
 
     good: list[Path] = []
     images: list[torch.Tensor] = []

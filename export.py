@@ -1,0 +1,11 @@
+"""Export a checkpoint: `python export.py ckpt_path=RUN/checkpoints/best.ckpt format=onnx` (see README.md)."""
+
+from pathlib import Path
+
+from densenet_se.cli import hydra_entry
+from densenet_se.export import run
+
+main = hydra_entry(run, config_name="export", config_dir=Path(__file__).parent / "conf")
+
+if __name__ == "__main__":
+    main()

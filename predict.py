@@ -1,0 +1,11 @@
+"""Predict images: `python predict.py ckpt_path=RUN/checkpoints/best.ckpt input=FILE_OR_DIR` (see README.md)."""
+
+from pathlib import Path
+
+from densenet_se.cli import hydra_entry
+from densenet_se.predict import run
+
+main = hydra_entry(run, config_name="predict", config_dir=Path(__file__).parent / "conf")
+
+if __name__ == "__main__":
+    main()

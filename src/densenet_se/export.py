@@ -1,0 +1,223 @@
+"""The export task: a checkpoint as ONNX (dynamic batch) or as a plain DenseNetSE state dict, plus a JSON sidecar.
+
+Both take NORMALISED float32 images [N, 3, S, S] (RGB, resized to S x S, then (x/255 - mean)/std with the
+sidecar's mean and std), exactly what the model saw in training; decoding and resizing stay with the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+from torch import nn
+
+from densenet_se.checkpoint import build_classifier, load_checkpoint
+from densenet_se.errors import UserError
+from densenet_se.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from densenet_se.module import unwrap
+
+log = logging.getLogger("densenet_se")
+
+FORMATS = {"onnx": ".onnx", "state_dict": ".pt"}
+EXPORTERS = ("dynamo", "legacy")
+# The DenseNetSE constructor arguments that fix the layout of a state dict.
+LAYOUT_KEYS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression_rate",
+    "se_reduction",
+    "se_placement",
+)
+
+
+@dataclass
+class ExportConfig:
+    ckpt_path: str | None = None
+    format: str = "onnx"
+    # null: model.onnx / model.pt in this command's run directory (outputs/export/<date>/<time>).
+    output: str | None = None
+    exporter: str = "dynamo"
+    opset: int | None = None
+    check: bool = True
+    output_dir: str = "${hydra:runtime.output_dir}"
+    task_name: str = "export"
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+class ExportedModel(nn.Module):
+    """DenseNetSE with both outputs people want: logits and softmax probabilities."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(images)
+        return logits, logits.softmax(dim=1)
+
+
+def inference_network(ckpt: dict[str, Any]) -> nn.Module:
+    """The checkpoint's DenseNetSE, fp32, contiguous, eval mode, without gradient checkpointing."""
+    net = unwrap(build_classifier(ckpt)).float().to(memory_format=torch.contiguous_format)
+    for layer in net.modules():
+        if hasattr(layer, "memory_efficient"):
+            layer.memory_efficient = (
+                False  # checkpointing is a training-time memory trade; it cannot be exported
+            )
+    return net.eval()
+
+
+def sidecar(
+    ckpt: dict[str, Any], fmt: str, ckpt_path: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a consumer needs besides the weights: classes, preprocessing, layout, input and output names."""
+    hp = ckpt["hyper_parameters"]
+    info = {
+        "format": fmt,
+        "class_names": list(hp["class_names"]),
+        "num_classes": int(hp["num_classes"]),
+        "image_size": int(hp["image_size"]),
+        "mean": list(hp["mean"]),
+        "std": list(hp["std"]),
+        "input": "float32 [N, 3, image_size, image_size]: RGB resized to image_size, then (x / 255 - mean) / std",
+        "model": {k: hp[k] for k in LAYOUT_KEYS if k in hp},
+        "source_checkpoint": str(Path(ckpt_path).expanduser().resolve()),
+        "epoch": ckpt.get("epoch"),
+    }
+    info.update(extra or {})
+    return info
+
+
+def export_state_dict(net: nn.Module, path: Path) -> Path:
+    """torchvision-named DenseNetSE weights: `model.pretrained=<path>` and torch.load(weights_only=True) read it."""
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+    return atomic_torch_save(state, path)
+
+
+def export_onnx(
+    net: nn.Module, path: Path, image_size: int, exporter: str = "dynamo", opset: int | None = None
+) -> Path:
+    """ONNX graph with input `images` [batch, 3, S, S] (batch dynamic) and outputs `logits`, `probabilities`."""
+    model = ExportedModel(net).eval()
+    example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a batch of 1 could get specialised
+    kwargs: dict[str, Any] = {"input_names": ["images"], "output_names": ["logits", "probabilities"]}
+    if opset is not None:
+        kwargs["opset_version"] = int(opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=True,
+                dynamic_shapes={"images": {0: batch}},
+                external_data=False,  # one self-contained file (the weights are small)
+                verbose=False,
+                **kwargs,
+            )
+        else:
+            with warnings.catch_warnings():
+                # The user chose the TorchScript exporter; its deprecation notices are not news to them.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    dynamic_axes={
+                        "images": {0: "batch"},
+                        "logits": {0: "batch"},
+                        "probabilities": {0: "batch"},
+                    },
+                    **kwargs,
+                )
+        atomic_write_bytes(path, tmp.read_bytes())
+    except Exception as err:
+        raise UserError(
+            f"ONNX export with exporter={exporter} failed ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); try exporter="
+            f"{'legacy' if exporter == 'dynamo' else 'dynamo'} or format=state_dict."
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_onnx(net: nn.Module, path: Path, image_size: int, batch_sizes: tuple[int, ...] = (1, 3)) -> float:
+    """Largest |onnxruntime - PyTorch| over logits and probabilities for random inputs of each batch size."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = ExportedModel(net).eval()
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for n in batch_sizes:
+        x = torch.randn(n, 3, image_size, image_size, generator=generator)
+        with torch.inference_mode():
+            expected = model(x)
+        got = session.run(["logits", "probabilities"], {"images": x.numpy()})
+        for e, g in zip(expected, got, strict=True):
+            worst = max(worst, float((e - torch.from_numpy(g)).abs().max()))
+    return worst
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Export `cfg.ckpt_path` as `cfg.format`; returns {"output", "sidecar", ...}."""
+    if not cfg.ckpt_path:
+        raise UserError(
+            "ckpt_path is required: python export.py ckpt_path=<run dir>/checkpoints/best.ckpt format=onnx"
+        )
+    if cfg.format not in FORMATS:
+        raise UserError(f"format={cfg.format!r} is not allowed; choose one of: {', '.join(FORMATS)}.")
+    if cfg.exporter not in EXPORTERS:
+        raise UserError(f"exporter={cfg.exporter!r} is not allowed; choose one of: {', '.join(EXPORTERS)}.")
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    hp = ckpt["hyper_parameters"]
+    net = inference_network(ckpt)
+    output = (
+        Path(cfg.output).expanduser() if cfg.output else Path(cfg.output_dir) / f"model{FORMATS[cfg.format]}"
+    )
+    side = output.with_suffix(".json")
+    if side == output:
+        raise UserError(f"output={output} must not end in .json: that name is kept for the sidecar file.")
+    extra: dict[str, Any] = {}
+    if cfg.format == "state_dict":
+        export_state_dict(net, output)
+        extra["load_with"] = (
+            "DenseNetSE(num_classes, **model, pretrained=<file>) or train.py model.pretrained=<file>"
+        )
+    else:
+        export_onnx(net, output, hp["image_size"], cfg.exporter, cfg.opset)
+        extra.update(inputs=["images"], outputs=["logits", "probabilities"], dynamic_axes={"images": [0]})
+        try:
+            diff = check_onnx(net, output, hp["image_size"]) if cfg.check else None
+        except ImportError:
+            log.warning(
+                "onnxruntime is not installed (pip install 'densenet-se[export]'): export not checked"
+            )
+            diff = None
+        if diff is not None:
+            extra["max_abs_diff_vs_pytorch"] = diff
+            log.info("onnxruntime matches PyTorch to %.2e (batch sizes 1 and 3)", diff)
+            if diff > 1e-3:
+                raise UserError(
+                    f"the exported {output} differs from PyTorch by {diff:.2e}; try exporter="
+                    f"{'legacy' if cfg.exporter == 'dynamo' else 'dynamo'}."
+                )
+    atomic_write_text(side, json.dumps(sidecar(ckpt, cfg.format, cfg.ckpt_path, extra), indent=2) + "\n")
+    print(f"exported {cfg.ckpt_path} as {cfg.format} to {output} (sidecar {side})", flush=True)
+    return {"output": output, "sidecar": side, **extra}
