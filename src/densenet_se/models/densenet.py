@@ -57,7 +57,7 @@ class _DenseLayer(nn.Module):
 
     def bottleneck(self, inputs: Sequence[Tensor], update_running_stats: bool = True) -> Tensor:
         """Concatenate the block's features so far and squeeze them to ``bn_size * growth_rate`` channels."""
-        x = torch.cat(list(inputs), 1)
+        x = torch.cat(inputs, 1)
         if self.training and not update_running_stats:
             # Same op as norm1(x) (checkpoint needs the same saved tensors) but the running statistics it
             # updates are throwaway copies, and num_batches_tracked is left alone.
