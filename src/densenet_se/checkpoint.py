@@ -48,10 +48,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except EOFError:
         raise UserError(f"checkpoint {path} is empty or truncated; {HINT}.") from None
-    except RuntimeError as err:
-        text = str(err)
-        reason = "truncated or corrupt" if "zip" in text or "central directory" in text else "unreadable"
-        raise UserError(f"checkpoint {path} is {reason} and cannot be loaded; {HINT}.") from None
+    except PermissionError:
+        raise UserError(f"checkpoint {path} cannot be read (permission denied).") from None
+    except (RuntimeError, OSError):  # a cut-off zip archive fails as either, depending on where it ends
+        raise UserError(f"checkpoint {path} is truncated or corrupt and cannot be loaded; {HINT}.") from None
     except Exception as err:  # torch.load raises KeyError, ValueError... for text and other foreign files
         raise UserError(
             f"checkpoint {path} is not a PyTorch checkpoint ({type(err).__name__} while reading it); {HINT}."
