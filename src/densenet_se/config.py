@@ -36,6 +36,10 @@ class DataConfig:
     persistent_workers: bool = True
     max_image_pixels: int = 89_478_485
     extensions: list[str] | None = None
+    folds: int = 0
+    fold: int = 0
+    group_pattern: str | None = None
+    groups: str | None = None
 
 
 @dataclass
@@ -119,6 +123,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.test_fraction": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
     "data.max_image_pixels": (lambda v: v >= 1024, "an integer >= 1024"),
+    "data.folds": (lambda v: v == 0 or v >= 2, "0 (no folds) or an integer >= 2"),
+    "data.fold": (lambda v: v >= 0, "an integer >= 0"),
     "model.growth_rate": (lambda v: v >= 1, "an integer >= 1"),
     "model.num_init_features": (lambda v: v >= 1, "an integer >= 1"),
     "model.bn_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -156,6 +162,12 @@ def validate(cfg: DictConfig) -> None:
             f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves no "
             "training images; keep the sum below 1."
         )
+    if data.folds and data.fold >= data.folds:
+        raise UserError(
+            f"data.fold={data.fold} is out of range; it must be in 0..{data.folds - 1} (data.folds)."
+        )
+    if data.fold and not data.folds:
+        raise UserError(f"data.fold={data.fold} needs data.folds, e.g. data.folds=5 data.fold={data.fold}.")
     weights = cfg.optim.class_weights
     if weights is not None and weights != "balanced":
         if not OmegaConf.is_list(weights) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):

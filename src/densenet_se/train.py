@@ -103,7 +103,9 @@ def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
         "data": {
             k: plain(cfg.data[k])
             for k in ("image_size", "batch_size", "val_fraction", "test_fraction", "split_seed", "augment")
-        },
+        }
+        # How the split was made (k-fold, grouped): .get, as a resumed run's saved config may predate them.
+        | {k: plain(cfg.data.get(k)) for k in ("folds", "fold", "group_pattern", "groups")},
         "seed": cfg.seed,
         "max_epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
     }
@@ -156,8 +158,8 @@ def run(cfg: DictConfig) -> float | None:
         test = {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
         test["confusion_matrix"] = module.last_test_confmat
         report.test = test
-    if trainer.is_global_zero:
-        report.write_metrics(trainer)
+    if trainer.is_global_zero:  # with the split's leakage statement: grouped_split, groups, folds, fold
+        report.write_metrics(trainer, extra=datamodule.split_report)
     best = report.best()
     if best is not None:
         log.info(

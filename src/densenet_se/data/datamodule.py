@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,9 +15,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from densenet_se.data import cache as cache_lib
 from densenet_se.data.augment import augment_batch, build_augmentation
+from densenet_se.data.groups import (
+    csv_groups_for,
+    group_summary,
+    groups_from_csv,
+    groups_from_pattern,
+    leakage_warning,
+)
 from densenet_se.data.images import MAX_IMAGE_PIXELS, normalize, scan_image_folder, standardize
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
-from densenet_se.data.split import SPLITS, check_fractions, make_split, split_class_counts
+from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 
@@ -30,7 +38,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     """An ImageFolder tree (one sub-folder per class) as stratified train/val[/test] splits of uint8 batches.
 
     Loaders yield (uint8 images [N,3,S,S], int64 labels [N]); `on_after_batch_transfer` turns the images
-    into ImageNet-normalised float32 on the device and augments them while training.
+    into ImageNet-normalised float32 on the device and augments them while training. With `folds` >= 2, val
+    is fold `fold` of a stratified K-fold over the files outside the test split; with `group_pattern` or
+    `groups`, the files of one source (augmented copies of a photo) always share a split and a fold.
     """
 
     def __init__(
@@ -52,6 +62,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         extensions: Sequence[str] | None = None,
+        folds: int = 0,
+        fold: int = 0,
+        group_pattern: str | None = None,
+        groups: str | None = None,
     ) -> None:
         super().__init__()
         if int(image_size) < 32:
@@ -69,6 +83,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         if int(max_image_pixels) < 1:
             raise UserError(f"data.max_image_pixels={max_image_pixels} must be a positive number of pixels.")
         check_fractions(float(val_fraction), float(test_fraction))
+        check_folds(int(folds), int(fold))
+        if group_pattern and groups:
+            raise UserError(
+                f"data.group_pattern='{group_pattern}' and data.groups={groups} are both set; "
+                "give the groups one way, and set the other to null."
+            )
+        if group_pattern:
+            try:
+                re.compile(group_pattern)
+            except re.error:
+                groups_from_pattern([], group_pattern)  # raises the UserError that explains the pattern
         self.root = Path(root).expanduser()
         self.image_size, self.batch_size = int(image_size), int(batch_size)
         self.val_fraction, self.test_fraction, self.split_seed = (
@@ -88,11 +113,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.max_image_pixels = int(max_image_pixels)
         self.extensions = list(extensions) if extensions is not None else None
+        self.folds, self.fold = int(folds), int(fold)
+        self.group_pattern = group_pattern or None
+        self.groups = str(groups) if groups else None
         # filled by setup()
         self.class_names: list[str] = []
         self.num_classes = 0
         self.has_test = False
         self.split: dict = {}
+        # How the split guards against leakage (metrics.json): grouped_split, groups, folds, fold, warning.
+        self.split_report: dict = {}
         self.bad_files: list[tuple[str, str]] = []
         self.files: list[str] = []
         self._labels = torch.empty(0, dtype=torch.long)
@@ -168,6 +198,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UserError(
                 f"data.root={root} has no images in class sub-folders; expected {root}/<class>/<image>.jpg."
             )
+        group_of = self._group_of(scan.files)  # before decoding: a bad pattern or CSV fails in a second
         good, images, bad = self._decoded(root, scan.files)
         self._report_bad(root, bad, len(scan.files))
         if not good:
@@ -185,7 +216,24 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         self.files = [scan.files[i] for i in good]
         labels = [relabel[scan.labels[i]] for i in good]
-        split = make_split(self.files, labels, self.val_fraction, self.test_fraction, self.split_seed)
+        groups = None
+        if group_of is not None:  # the CSV needs rows for the images in use only, not for unreadable ones
+            groups = (
+                csv_groups_for(self.files, group_of, self.groups)
+                if self.groups
+                else [group_of[f] for f in self.files]
+            )
+        split = make_split(
+            self.files,
+            labels,
+            self.val_fraction,
+            self.test_fraction,
+            self.split_seed,
+            groups=groups,
+            folds=self.folds,
+            fold=self.fold,
+            class_names=class_names,
+        )
         position = {rel: i for i, rel in enumerate(self.files)}
         self._indices = {name: [position[rel] for rel, _ in split[name]] for name in SPLITS}
         self._labels = torch.tensor(labels, dtype=torch.long)
@@ -195,8 +243,58 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.has_test = bool(split["test"])
         counts = split_class_counts(split, self.num_classes)
         self.split = {"root": str(root), "class_names": class_names, **split, "counts": counts}
+        self.split_report = self._report_split(labels, groups)
         self._warn_missing_classes(counts)
         self._write_split()
+
+    def _group_of(self, scanned: list[str]) -> dict[str, str] | None:
+        """{file: source group} from data.group_pattern or data.groups, else None (not grouped)."""
+        if self.group_pattern:
+            return dict(zip(scanned, groups_from_pattern(scanned, self.group_pattern), strict=True))
+        if self.groups:
+            return groups_from_csv(self.groups, scanned)
+        return None
+
+    def _report_split(self, labels: list[int], groups: list[str] | None) -> dict:
+        """State, in the log and for metrics.json, whether the split keeps the copies of a photo together."""
+        folds = (
+            f"; fold {self.fold} of {self.folds} is the validation split (data.val_fraction is not used)"
+            if self.folds
+            else ""
+        )
+        if self.folds and self.has_test:
+            folds += ", the test split is the same for every fold"
+        report: dict = {"grouped_split": groups is not None, "groups": None, "folds": self.folds}
+        report["fold"] = self.fold if self.folds else None
+        report["leakage_warning"] = None
+        if groups is None:
+            log.info("split: not grouped: images are assigned one by one%s", folds)
+            report["leakage_warning"] = leakage_warning(self.files)
+            if report["leakage_warning"]:
+                log.warning("%s", report["leakage_warning"])
+            return report
+        key, value = ("group_pattern", self.group_pattern) if self.group_pattern else ("groups", self.groups)
+        summary = group_summary(labels, groups, self.class_names)
+        mixed = summary.pop("mixed_class")
+        report["groups"] = {"by": f"data.{key}", "value": value, **summary, "mixed_class": len(mixed)}
+        per_class = ", ".join(f"{name} {n}" for name, n in summary["per_class"].items())
+        log.info(
+            "split: grouped by data.%s='%s': %d source groups (%s), each kept whole in one split%s",
+            key,
+            value,
+            summary["count"],
+            per_class,
+            " and one fold" + folds if self.folds else "",
+        )
+        if mixed:
+            log.warning(
+                "%d source groups hold images of more than one class (e.g. %s); each is kept in one split, "
+                "but check data.%s: copies of one photo should share a class",
+                len(mixed),
+                ", ".join(repr(g) for g in mixed[:3]),
+                key,
+            )
+        return report
 
     def _warn_missing_classes(self, counts: dict[str, list[int]]) -> None:
         for name in ("val", "test"):
@@ -204,11 +302,12 @@ class ImageFolderDataModule(L.LightningDataModule):
                 continue
             missing = [c for c, n in zip(self.class_names, counts[name], strict=True) if n == 0]
             if missing:
+                fix = "lower data.folds" if name == "val" and self.folds else f"raise data.{name}_fraction"
                 log.warning(
-                    "the %s split has no images of class %s (too few): raise data.%s_fraction or add images",
+                    "the %s split has no images of class %s (too few): %s or add images",
                     name,
                     ", ".join(missing),
-                    name,
+                    fix,
                 )
 
     def _report_bad(self, root: Path, bad: list[tuple[str, str]], total: int) -> None:
@@ -237,17 +336,18 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _write_split(self) -> None:
         if self.output_dir is None or not self._is_global_zero():
             return
-        # One [path, label] pair per line keeps split.json readable and diffable.
-        lines = ["{"]
-        head = {k: v for k, v in self.split.items() if k not in SPLITS}
-        for key, value in head.items():
-            lines.append(f"  {json.dumps(key)}: {json.dumps(value)},")
-        for n, name in enumerate(SPLITS):
-            pairs = ",\n".join(f"    {json.dumps(pair)}" for pair in self.split[name])
-            body = f"[\n{pairs}\n  ]" if pairs else "[]"
-            lines.append(f"  {json.dumps(name)}: {body}{',' if n < len(SPLITS) - 1 else ''}")
-        lines.append("}")
-        atomic_write_text(self.output_dir / "split.json", "\n".join(lines) + "\n")
+        # One [path, label] pair (or "path": group / fold) per line keeps split.json readable and diffable.
+        bulky = (*SPLITS, "fold_index", "groups")
+        items = [(k, json.dumps(v)) for k, v in self.split.items() if k not in bulky]
+        for key in SPLITS:
+            rows = [json.dumps(pair) for pair in self.split[key]]
+            items.append((key, "[\n" + ",\n".join(f"    {r}" for r in rows) + "\n  ]" if rows else "[]"))
+        for key in ("fold_index", "groups"):
+            if key in self.split:
+                rows = [f"{json.dumps(p)}: {json.dumps(v)}" for p, v in self.split[key].items()]
+                items.append((key, "{\n" + ",\n".join(f"    {r}" for r in rows) + "\n  }" if rows else "{}"))
+        body = ",\n".join(f"  {json.dumps(key)}: {value}" for key, value in items)
+        atomic_write_text(self.output_dir / "split.json", "{\n" + body + "\n}\n")
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _require_setup(self) -> None:
