@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 import densenet_se.config as config  # registers the schemas in Hydra's ConfigStore
+from densenet_se import sweep  # registers the resolvers conf/hydra/ uses
 from densenet_se.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -29,14 +30,15 @@ def hydra_entry(
 
     @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
-        return task(cfg)
+        # In a sweep a failing job is recorded and the sweep goes on (see densenet_se.sweep).
+        return sweep.run_job(task, cfg) if sweep.is_multirun() else task(cfg)
 
     def main() -> Any:
         wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
         # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            return _main()
+            result = _main()
         except KeyboardInterrupt:
             print("error: interrupted; checkpoints written so far are kept.", file=sys.stderr)
             sys.exit(130)
@@ -46,9 +48,19 @@ def hydra_entry(
             print(f"error: {describe(ex)}", file=sys.stderr)
             if not isinstance(ex, (UserError, ValueError)) and not _is_config_error(ex):
                 print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR if _is_user_error(ex) else 1)
+            sys.exit(exit_status(ex))
+        swept = sweep.take_last_result()
+        if swept is not None and swept.exit_code:  # every job ran; exit as the worst failed job would alone
+            print(f"error: {swept.message()}", file=sys.stderr)
+            sys.exit(swept.exit_code)
+        return result
 
     return main
+
+
+def exit_status(ex: BaseException) -> int:
+    """2 for something a person must fix (config, data, UserError), 1 for anything else."""
+    return EXIT_USER_ERROR if _is_user_error(ex) else 1
 
 
 def _is_config_error(ex: BaseException) -> bool:

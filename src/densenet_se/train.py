@@ -17,6 +17,7 @@ from densenet_se.config import closest_key, plain, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
+from densenet_se.sweep import check_multirun_launch
 
 log = logging.getLogger("densenet_se")
 
@@ -147,6 +148,7 @@ def run(cfg: DictConfig) -> float | None:
     module = build_module(cfg, datamodule)
     report = RunReport(run_dir, hparams=hparams_for_logging(cfg))
     trainer = build_trainer(cfg, run_dir, report)
+    check_multirun_launch(trainer)  # Lightning's DDP re-launch cannot run inside a sweep
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=None)
     if trainer.interrupted:

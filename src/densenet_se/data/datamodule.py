@@ -25,6 +25,7 @@ from densenet_se.data.groups import (
 from densenet_se.data.images import MAX_IMAGE_PIXELS, normalize, scan_image_folder, standardize
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
 from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
+from densenet_se.distributed import eval_sampler
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 
@@ -390,10 +391,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         generator = None
         if shuffle:  # seeded from torch's global RNG, i.e. by Lightning's seed_everything
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        dataset = self._dataset(name)
         return DataLoader(
-            self._dataset(name),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            # DDP validation/test: every image on exactly one process (Lightning's sampler pads with repeats).
+            sampler=None if shuffle else eval_sampler(dataset, self.trainer),
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

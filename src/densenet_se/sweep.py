@@ -1,0 +1,381 @@
+"""Sweeps (`python train.py -m ...`, Optuna, submitit): job directory names, jobs that fail without stopping
+the sweep, and the sweep summary (sweep_summary.csv / .md at the sweep root).
+
+Importing this module registers the OmegaConf resolvers that conf/hydra/default.yaml and the launcher configs
+use, so it must be imported before Hydra composes (densenet_se.cli does; a submitit job imports it when it
+unpickles the SweepSummary callback).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from densenet_se import distributed
+from densenet_se.errors import UserError
+from densenet_se.io import atomic_write_text
+
+log = logging.getLogger("densenet_se")
+
+STATUS_FILE = "job_status.json"
+SUMMARY_CSV = "sweep_summary.csv"
+SUMMARY_MD = "sweep_summary.md"
+# Longer job directory names are cut and end in a hash of the full name (names stay unique and valid).
+MAX_DIRNAME = 100
+CSV_COLUMNS = (
+    "job",
+    "status",
+    "overrides",
+    "best_val_acc",
+    "best_epoch",
+    "test_acc",
+    "test_f1",
+    "test_auroc",
+    "test_loss",
+    "seconds",
+    "run_dir",
+    "error",
+)
+TEST_KEYS = ("acc", "f1", "auroc", "loss")
+
+
+# ---------------------------------------------------------------------------------------------- resolvers
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _safe(text: str) -> str:
+    # Brackets and quotes go; separators inside values become '-'; anything else outside [A-Za-z0-9._=-] too.
+    text = re.sub(r"[\[\](){}'\"]", "", text)
+    text = re.sub(r"[^A-Za-z0-9._=-]+", "-", text)
+    return re.sub(r"-{2,}", "-", text).strip("-")
+
+
+def job_dir_name(num: Any, overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """`<num>_<key=value>__<key=value>...` from a job's overrides, in filename-safe characters.
+
+    `model.block_config=[6,12,24,16]` becomes `model.block_config=6-12-24-16` and `data.root=/a b/c`
+    `data.root=a-b-c`; hydra.* and `exclude` keys are left out; a name over MAX_DIRNAME characters is cut
+    and ends in 8 hex digits of its hash.
+    """
+    excluded = set(exclude or ())
+    items = [
+        "=".join(_safe(part) for part in o.lstrip("+~").split("=", 1))
+        for o in overrides
+        if not _override_key(o).startswith("hydra.") and _override_key(o) not in excluded
+    ]
+    body = "__".join(i for i in items if i)
+    if len(body) > MAX_DIRNAME:
+        digest = hashlib.sha1(body.encode()).hexdigest()[:8]
+        body = f"{body[: MAX_DIRNAME - 9].rstrip('-_.')}-{digest}"
+    return f"{num}_{body}" if body else str(num)
+
+
+def slurm_tasks(devices: Any) -> int:
+    """SLURM tasks per node for `trainer.devices` (one task per device); 'auto' cannot be sized in advance."""
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    if str(devices).isdigit() and int(devices) >= 1:
+        return int(devices)
+    raise UserError(
+        f"trainer.devices={devices} cannot size a SLURM job; set trainer.devices to the number of GPUs per node "
+        "(e.g. trainer.devices=4), which becomes the job's tasks and GPUs per node."
+    )
+
+
+def slurm_gpus(accelerator: Any, devices: Any) -> int:
+    """GPUs per node to request: none for CPU runs, else one per device."""
+    return 0 if str(accelerator) == "cpu" else slurm_tasks(devices)
+
+
+def register_resolvers() -> None:
+    """Register the resolvers used by conf/hydra/*.yaml (idempotent)."""
+    OmegaConf.register_new_resolver("job_dir_name", job_dir_name, replace=True)
+    OmegaConf.register_new_resolver("rank_suffix", distributed.rank_suffix, replace=True)
+    OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
+    OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
+
+
+register_resolvers()
+
+
+# ---------------------------------------------------------------------------------------------- sweep jobs
+def is_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`, hparams_search=..., a launcher plugin)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
+
+    Returns the task's value, or NaN for a failed job (Optuna then records the trial as failed).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from densenet_se.cli import describe, exit_status
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    status: dict[str, Any] = {"job": int(hydra_cfg.job.num), "overrides": overrides}
+    share_image_cache(cfg, overrides)
+    start = time.perf_counter()
+    try:
+        value = task(cfg)
+    except Exception as ex:  # noqa: BLE001 - one job's failure must not stop the others
+        line = describe(ex)
+        log.error("job %s failed: %s", status["job"], line)
+        status.update(
+            status="failed",
+            error=line,
+            exit_code=exit_status(ex),
+            traceback="".join(traceback.format_exception(ex)),
+        )
+        value = math.nan
+    else:
+        status.update(status="completed", value=value, exit_code=0)
+    status["seconds"] = round(time.perf_counter() - start, 3)
+    if distributed.is_rank_zero():
+        atomic_write_text(job_dir / STATUS_FILE, json.dumps(status, indent=2, default=str) + "\n")
+    return value
+
+
+def share_image_cache(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Sweep jobs use the disk cache (decoded once, shared by every job) unless data.cache was given."""
+    data = cfg.get("data")
+    if (
+        data is None
+        or data.get("cache") != "memory"
+        or any(_override_key(o) == "data.cache" for o in overrides)
+    ):
+        return
+    data.cache = "disk"
+    log.info("sweep job: data.cache=disk, so the jobs of this sweep decode the images only once")
+
+
+def check_multirun_launch(trainer: Any) -> None:
+    """Refuse, in a multirun, a strategy that Lightning would start by re-running the command line."""
+    if not is_multirun():
+        return
+    try:
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    except ImportError:  # pragma: no cover - a Lightning without it cannot re-launch either
+        return
+    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise UserError(multirun_ddp_message(trainer.world_size))
+
+
+def multirun_ddp_message(processes: int) -> str:
+    return (
+        f"a sweep (-m or hparams_search) cannot start {processes} training processes per job: Lightning starts "
+        "them by re-running the command, which would restart the sweep; sweep with one device per job "
+        "(trainer.devices=1), or launch the jobs with hydra/launcher=slurm so srun starts one task per device."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _job_number(job_dir: Path, status: dict[str, Any] | None) -> int | None:
+    if status and isinstance(status.get("job"), int):
+        return status["job"]
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num", default=None)
+        if isinstance(num, int):
+            return num
+    head = job_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _job_overrides(job_dir: Path, status: dict[str, Any] | None) -> list[str]:
+    if status and isinstance(status.get("overrides"), list):
+        return [str(o) for o in status["overrides"]]
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any] | None:
+    """One summary row from a job directory (metrics.json, job_status.json), or None if it is not a job."""
+    status = _read_json(job_dir / STATUS_FILE)
+    metrics = _read_json(job_dir / "metrics.json")
+    if status is None and metrics is None and not (job_dir / ".hydra").is_dir():
+        return None
+    num = _job_number(job_dir, status)
+    if num is None:
+        return None
+    metrics = metrics or {}
+    test = metrics.get("test") or {}
+    # No job_status.json: the job was killed (or is still running) before it could record how it ended.
+    state = (status or {}).get("status", "incomplete")
+    row: dict[str, Any] = {
+        "job": num,
+        "status": state,
+        "overrides": " ".join(_job_overrides(job_dir, status)),
+        "best_val_acc": metrics.get("best_val_acc"),
+        "best_epoch": metrics.get("best_epoch"),
+        **{f"test_{k}": test.get(k) for k in TEST_KEYS},
+        "seconds": (status or {}).get("seconds", metrics.get("total_seconds")),
+        "run_dir": str(job_dir.relative_to(sweep_dir)),
+        "error": (status or {}).get("error")
+        or ("no job_status.json: killed or still running" if not status else ""),
+        "exit_code": int((status or {}).get("exit_code", 1)),
+    }
+    return row
+
+
+def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """A row per job directory under `sweep_dir`, ordered by job number."""
+    sweep_dir = Path(sweep_dir)
+    rows = [
+        row
+        for child in sorted(sweep_dir.iterdir())
+        if child.is_dir() and not child.name.startswith(".")
+        for row in [job_row(child, sweep_dir)]
+        if row is not None
+    ]
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _varying(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(overrides shared by every job, per-job overrides that differ between jobs)."""
+    lists = [r["overrides"].split() for r in rows]
+    common = [o for o in lists[0] if all(o in lst for lst in lists[1:])] if lists and len(lists) > 1 else []
+    return common, [[o for o in lst if o not in common] for lst in lists]
+
+
+def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "incomplete")}
+    lines = [
+        "# Sweep summary",
+        "",
+        f"Sweep directory: `{sweep_dir}`  ",
+        f"Jobs: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})  ",
+    ]
+    scored = [r for r in rows if isinstance(r["best_val_acc"], (int, float)) and r["status"] == "completed"]
+    if scored:
+        best = max(scored, key=lambda r: (r["best_val_acc"], -r["job"]))
+        lines.append(
+            f"Best: job {best['job']}, best val acc {best['best_val_acc']:.4f}, `{best['run_dir']}`  "
+        )
+    common, varying = _varying(rows)
+    if common:
+        lines.append(f"Overrides of every job: `{' '.join(common)}`  ")
+    with_test = any(r["test_acc"] is not None for r in rows)
+    header = ["job", "status", "overrides", "best val acc", "best epoch"]
+    header += ["test acc", "test f1", "test auroc"] if with_test else []
+    header += ["seconds", "run dir", "error"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, own in zip(rows, varying, strict=True):
+        cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row["best_val_acc"]]
+        cells += [row["best_epoch"]]
+        cells += [row["test_acc"], row["test_f1"], row["test_auroc"]] if with_test else []
+        seconds = f"{row['seconds']:.1f}" if isinstance(row["seconds"], (int, float)) else row["seconds"]
+        cells += [seconds, f"`{row['run_dir']}`", row["error"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    return out.getvalue()
+
+
+def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Write sweep_summary.csv and sweep_summary.md at `sweep_dir`; return the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect_jobs(sweep_dir) if sweep_dir.is_dir() else []
+    atomic_write_text(sweep_dir / SUMMARY_CSV, summary_csv(rows))
+    atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(sweep_dir, rows))
+    return rows
+
+
+@dataclass
+class SweepResult:
+    """How the last sweep of this process ended (read by the entry point to choose its exit status)."""
+
+    sweep_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] != "completed"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 if every job completed, else the status the worst failed job would have had as a single run."""
+        return max((r["exit_code"] or 1 for r in self.failed), default=0)
+
+    def message(self) -> str:
+        first = self.failed[0]
+        return (
+            f"{len(self.failed)} of {len(self.rows)} sweep jobs did not complete (job {first['job']}: "
+            f"{first['error']}); see {self.sweep_dir / SUMMARY_MD}"
+        )
+
+
+_last: SweepResult | None = None
+
+
+def take_last_result() -> SweepResult | None:
+    """The result of the sweep that just ended in this process (once), or None."""
+    global _last
+    result, _last = _last, None
+    return result
+
+
+class SweepSummary(Callback):
+    """Hydra callback: refuses sweeps that Lightning cannot run, and writes the summary when a sweep ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        trainer = OmegaConf.select(config, "trainer", default=None)
+        if trainer is None or launcher.endswith("SlurmLauncher"):
+            return
+        # Fail before any job starts; run_job's check_multirun_launch catches what a job's overrides add.
+        processes = distributed.expected_processes(trainer)
+        if processes > 1 and "spawn" not in str(trainer.get("strategy", "auto")):
+            raise UserError(multirun_ddp_message(processes))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _last
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        rows = write_summary(sweep_dir)
+        _last = SweepResult(sweep_dir, rows)
+        done = sum(r["status"] == "completed" for r in rows)
+        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), sweep_dir / SUMMARY_MD)
