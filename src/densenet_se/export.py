@@ -118,6 +118,9 @@ def export_onnx(
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if exporter == "dynamo":
+            # Its graph passes log every step at INFO; the run's log keeps our own lines readable.
+            for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             batch = torch.export.Dim("batch", min=1)
             torch.onnx.export(
                 model,
