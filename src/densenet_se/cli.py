@@ -79,8 +79,9 @@ def describe(ex: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-    if isinstance(ex, UserError):
-        return str(ex)
+    user_error = _user_error_in_chain(ex)
+    if user_error is not None:  # also one raised inside a resolver, e.g. resume=RUN_DIR in hydra.run.dir
+        return str(user_error)
     if isinstance(ex, MissingConfigException):
         missing = (ex.missing_cfg_file or "").strip("/")
         if ex.options:
@@ -106,6 +107,16 @@ def describe(ex: BaseException) -> str:
     if isinstance(ex, ValueError):
         return _first_line(str(ex))
     return f"{type(ex).__name__}: {_first_line(str(ex))}"
+
+
+def _user_error_in_chain(ex: BaseException | None) -> UserError | None:
+    seen: set[int] = set()
+    while ex is not None and id(ex) not in seen:
+        if isinstance(ex, UserError):
+            return ex
+        seen.add(id(ex))
+        ex = ex.__cause__ or ex.__context__
+    return None
 
 
 def _first_line(text: str) -> str:

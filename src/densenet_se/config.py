@@ -104,6 +104,23 @@ def register_configs() -> None:
 register_configs()
 
 
+def _resume_run_dir(resume: str | None, default: str) -> str:
+    from densenet_se.resume import hydra_run_dir  # imported late: it needs torch and Lightning
+
+    return hydra_run_dir(resume, default)
+
+
+def register_resolvers() -> None:
+    """`${resume_run_dir:...}` and `${resume_output_subdir:...}` for conf/hydra/default.yaml (resume=RUN_DIR)."""
+    OmegaConf.register_new_resolver("resume_run_dir", _resume_run_dir, replace=True)
+    OmegaConf.register_new_resolver(
+        "resume_output_subdir", lambda resume: ".hydra" if resume in (None, "") else None, replace=True
+    )
+
+
+register_resolvers()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Range checks run at start-up: types and unknown keys are already rejected by the schema at compose time.
 

@@ -17,6 +17,8 @@ from densenet_se.config import closest_key, plain, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
+from densenet_se.resume import SeedEachEpoch, prepare_resume
+from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.sweep import check_multirun_launch
 
 log = logging.getLogger("densenet_se")
@@ -113,7 +115,7 @@ def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Trainer:
-    callbacks = [report, *_instantiate_all(cfg.callbacks, "callbacks")]
+    callbacks = [report, *_instantiate_all(cfg.callbacks, "callbacks"), NonFiniteLossGuard()]
     loggers = _instantiate_all(cfg.logger, "logger")
     kwargs = trainer_kwargs(cfg)
     if kwargs.get("enable_progress_bar") is None:
@@ -122,6 +124,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Traine
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar())
+    # Epoch N depends on (seed, N) only, so a resumed run repeats an uninterrupted one.
+    callbacks.append(SeedEachEpoch(cfg.seed))
+    # Checkpoints are written to a temp file and renamed, and always loaded with weights_only=True.
+    kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"))
     kwargs.setdefault("default_root_dir", str(run_dir))
     try:
         return L.Trainer(callbacks=callbacks, logger=loggers or False, **kwargs)
@@ -134,6 +140,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Traine
 def run(cfg: DictConfig) -> float | None:
     """Train as `cfg` says; return the best validation accuracy (the value sweepers optimise)."""
     route_lightning_logs()
+    session = prepare_resume(cfg) if cfg.resume else None
+    if session is not None:  # the run's own config (train.py) and its checkpoint, checked before any work
+        cfg = session.cfg
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,21 +151,29 @@ def run(cfg: DictConfig) -> float | None:
     log.info("run directory: %s", run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = build_datamodule(cfg, run_dir)
+    # A resumed run keeps its split.json and bad_files.txt; the new scan must give the same split.
+    datamodule = build_datamodule(cfg, None if session else run_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if session is not None:
+        session.check_split(datamodule)
+        session.record()
+        log.info("resuming %s after epoch %d from %s", run_dir, session.epoch, session.checkpoint)
     module = build_module(cfg, datamodule)
     report = RunReport(run_dir, hparams=hparams_for_logging(cfg))
     trainer = build_trainer(cfg, run_dir, report)
     check_multirun_launch(trainer)  # Lightning's DDP re-launch cannot run inside a sweep
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=None)
+    ckpt_path = str(session.checkpoint) if session else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         log.warning("training was interrupted; the last checkpoint is in %s", run_dir / "checkpoints")
 
     if cfg.test_after_fit and datamodule.has_test:
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        results = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True
+        )
         test = {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
         test["confusion_matrix"] = module.last_test_confmat
         report.test = test

@@ -1,0 +1,254 @@
+"""Resume a run in its own directory with its own config, and seed each epoch so a resumed run matches.
+
+`python train.py resume=RUN_DIR` reads the config of the run's latest session (`.hydra/config.yaml`, or the
+newest `.hydra/resume-*/config.yaml`), lets only RESUMABLE_KEYS change from the command line, and continues
+from `checkpoints/last.ckpt`. The original `.hydra/` files are never rewritten: each resumed session records
+its config and command line in `.hydra/resume-<time>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from densenet_se.checkpoint import load_checkpoint
+from densenet_se.errors import UserError
+from densenet_se.io import atomic_write_text
+
+log = logging.getLogger("densenet_se")
+
+# What may differ from the original run: how long to train, where and on what it runs, where the data lives.
+# Everything that changes the model, the data split or the optimisation is fixed by the run being resumed.
+RESUMABLE_KEYS = (
+    "trainer.max_epochs",
+    "trainer.min_epochs",
+    "trainer.max_steps",
+    "trainer.max_time",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.enable_progress_bar",
+    "data.root",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.cache_dir",
+    "paths.data_dir",
+    "paths.cache_dir",
+    "print_config",
+    "test_after_fit",
+)
+SESSION_PREFIX = "resume-"
+# Hyperparameters that must match between the checkpoint and the config, or the weights do not fit.
+_SHAPE_KEYS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression_rate",
+    "se_reduction",
+)
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def find_run_dir(resume: str | Path) -> Path:
+    """The absolute run directory named by resume=..., checked to hold checkpoints/last.ckpt."""
+    run_dir = Path(resume).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(
+            f"resume={resume}: there is no such run directory; give the folder of an earlier run "
+            "(e.g. outputs/<date>/<time>)."
+        )
+    if not checkpoint_path(run_dir).is_file():
+        raise UserError(
+            f"resume={resume}: {checkpoint_path(run_dir)} does not exist, so there is nothing to resume "
+            "(the run stopped before its first epoch ended); start it again without resume=."
+        )
+    return run_dir.resolve()
+
+
+def hydra_run_dir(resume: str | None, default: str) -> str:
+    """hydra.run.dir: RUN_DIR when resuming (checked before Hydra creates anything), else `default`."""
+    return default if resume in (None, "") else str(find_run_dir(resume))
+
+
+def session_config_path(run_dir: Path) -> Path:
+    """The config of the run's latest session: the newest .hydra/resume-*/config.yaml, else .hydra/config.yaml."""
+    hydra_dir = run_dir / ".hydra"
+    sessions = sorted(p for p in hydra_dir.glob(f"{SESSION_PREFIX}*/config.yaml") if p.is_file())
+    return sessions[-1] if sessions else hydra_dir / "config.yaml"
+
+
+def override_key(override: str) -> str:
+    """The key of a command-line override (`+a.b=1`, `~a.b`, `a.b=1`, `a=opt` -> `a.b` / `a`)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[0]
+
+
+def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The run's own config with the RESUMABLE_KEYS given on the command line taken from `composed`."""
+    from densenet_se.config import TrainConfig
+
+    source = session_config_path(run_dir)
+    if not source.is_file():
+        raise UserError(
+            f"resume={run_dir}: {source} is missing, so the run's settings are unknown; resume only runs "
+            "started with train.py (their .hydra/ folder holds the config)."
+        )
+    changed = []
+    for override in overrides:
+        key = override_key(override)
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if key not in RESUMABLE_KEYS:
+            raise UserError(
+                f"{key} cannot change when resuming: the run continues with its own config ({source}); "
+                f"only {', '.join(RESUMABLE_KEYS)} may be given beside resume=, or start a new run."
+            )
+        changed.append(key)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(source))
+    except Exception as err:  # a hand-edited or foreign file
+        raise UserError(f"resume={run_dir}: {source} is not a valid train config ({err}).") from None
+    for key in changed:
+        OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
+    cfg.resume = str(run_dir)
+    cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+@dataclass
+class ResumeSession:
+    """What run() needs to continue a run: its directory, checkpoint and config."""
+
+    run_dir: Path
+    checkpoint: Path
+    cfg: DictConfig
+    overrides: list[str] = field(default_factory=list)
+    epoch: int = 0  # epochs already finished
+    from_command_line: bool = False
+
+    def check_split(self, datamodule: Any) -> None:
+        """Refuse to continue on other images than the run started with (its split.json)."""
+        saved = self.run_dir / "split.json"
+        if not saved.is_file():
+            return
+        old = json.loads(saved.read_text())
+        new = json.loads(json.dumps(datamodule.split))
+        for name in ("class_names", "train", "val", "test"):
+            if old.get(name) != new.get(name):
+                raise UserError(
+                    f"data.root={datamodule.root} no longer holds the images this run started with (its {name} "
+                    f"differs from {saved}); restore them, or start a new run instead of resume=."
+                )
+
+    def record(self) -> None:
+        """Write this session's config and command line to .hydra/resume-<time>/ (Hydra's own stay as they were)."""
+        if not self.from_command_line:
+            return  # resumed in-process with a config the caller built: no Hydra session to record
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        folder = self.run_dir / ".hydra" / f"{SESSION_PREFIX}{stamp}"
+        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(self.cfg))
+        atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
+
+
+def _hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir")
+    return Path(output_dir).resolve() if output_dir else None
+
+
+def prepare_resume(cfg: DictConfig) -> ResumeSession:
+    """Check resume=RUN_DIR and build the session: under train.py the run's own config, in-process `cfg` as given."""
+    run_dir = find_run_dir(cfg.resume)
+    output_dir = _hydra_output_dir()
+    overrides: list[str] = []
+    if output_dir is not None:  # started from the command line
+        from hydra.core.hydra_config import HydraConfig
+
+        if output_dir != run_dir:
+            raise UserError(
+                f"resume={cfg.resume} continues in its own directory; drop hydra.run.dir={output_dir}."
+            )
+        overrides = list(HydraConfig.get().overrides.task)
+        cfg = resumed_config(cfg, run_dir, overrides)
+    ckpt = checkpoint_path(run_dir)
+    # Read (weights only) before the data is scanned: an unsafe or damaged file stops the run here.
+    state = load_checkpoint(ckpt)
+    hparams = state.get("hyper_parameters") or {}
+    for key in _SHAPE_KEYS:
+        if key in hparams and key in cfg.model and _plain(cfg.model[key]) != hparams[key]:
+            raise UserError(
+                f"model.{key}={_plain(cfg.model[key])} does not match the checkpoint {ckpt} "
+                f"({hparams[key]}); resume with the run's own config."
+            )
+    epoch = int(state.get("epoch", -1)) + 1
+    return ResumeSession(run_dir, ckpt, cfg, overrides, epoch=epoch, from_command_line=output_dir is not None)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+# ------------------------------------------------------------------------------------------------- seeding
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A well-mixed 32-bit seed for one stream (0: data order, 1: training steps) of one epoch of one run."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device) alike."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeedEachEpoch(L.Callback):
+    """Make epoch N depend on (seed, N) only, so epoch N of a resumed run repeats that of an uninterrupted one.
+
+    At each training epoch start: the global RNGs (dropout, augmentation) are seeded from (seed, N), and the
+    train loader's RandomSampler gets its own generator seeded from (seed, N). The sampler's generator is
+    otherwise the DataLoader's, which every `iter()` also draws from, and Lightning calls `iter()` a
+    different number of times in a resumed session than in an uninterrupted one. The sampler draws its
+    order when the first batch is fetched, after this hook, with `data.num_workers=0`; worker processes
+    prefetch earlier, so with workers the first epoch of a resumed session is shuffled differently.
+    `data.cache=device` loaders (DeviceBatches) get the same (seed, N) through their `seed` and `epoch`.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        seed_all(epoch_seed(self.seed, epoch, stream=1))
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            self._seed_order(loader, epoch)
+
+    def _seed_order(self, loader: Any, epoch: int) -> None:
+        from torch.utils.data import RandomSampler
+
+        from densenet_se.data.datamodule import DeviceBatches
+
+        if isinstance(loader, DeviceBatches):
+            if loader.shuffle:  # it shuffles with seed + epoch and counts epochs itself
+                loader.seed, loader.epoch = epoch_seed(self.seed, 0, stream=2), epoch
+            return
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, stream=2))

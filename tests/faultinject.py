@@ -1,0 +1,27 @@
+"""Test-only Lightning callbacks that hold a run at a known point (for SIGKILL) or break it there.
+
+Used through the config (`+callbacks.pause._target_=faultinject.PauseAtBatch`) with tests/ on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class PauseAtBatch(L.Callback):
+    """Write `marker` and sleep at (epoch, batch) so a test can kill the run there; a run that finds the
+    marker already written (the resumed session, which shares the config) carries on."""
+
+    def __init__(self, marker: str, epoch: int = 1, batch: int = 1, seconds: float = 600.0) -> None:
+        self.marker, self.epoch, self.batch, self.seconds = Path(marker), epoch, batch, seconds
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(self.seconds)
