@@ -186,12 +186,29 @@ def test_two_runs_started_together_get_different_directories(tmp_path, image_fol
         ("data.root=/no/such/folder", "/no/such/folder"),
     ],
 )
-def test_bad_config_values_exit_non_zero_with_one_line(tmp_path, override, expected):
-    proc = run_train([override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+def test_bad_config_values_exit_non_zero_with_one_line(tmp_path, monkeypatch, capsys, override, expected):
+    # In-process through the real entry point (same code path as `python train.py`, without a new interpreter).
+    from densenet_se.cli import hydra_entry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", override, f"hydra.run.dir={tmp_path}/run"])
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_entry(run, config_name="train", config_dir=CONF)()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_config_as_a_subprocess_prints_one_line_and_exits_2(tmp_path):
+    proc = run_train(["data.val_fraction=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert lines == ["error: data.val_fraction=0.0 is out of range; it must be a number in (0, 1)."], (
+        proc.stderr
+    )
 
 
 def test_yaml_defaults_mirror_schema_and_constructors():

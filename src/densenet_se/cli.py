@@ -28,13 +28,22 @@ def hydra_entry(
 ) -> Callable[[], Any]:
     """Wrap `task` as a Hydra app reading `config_dir/config_name.yaml`, with one-line errors."""
 
+    wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
     @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
         # In a sweep a failing job is recorded and the sweep goes on (see densenet_se.sweep).
-        return sweep.run_job(task, cfg) if sweep.is_multirun() else task(cfg)
+        if sweep.is_multirun():
+            return sweep.run_job(task, cfg)
+        try:
+            return task(cfg)
+        except Exception as ex:  # noqa: BLE001
+            if wants_trace:
+                raise
+            # Exit here, inside the job: re-raised, Hydra would print its own "Error executing job" line too.
+            _report_and_exit(ex)
 
     def main() -> Any:
-        wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
         # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
@@ -45,10 +54,7 @@ def hydra_entry(
         except Exception as ex:  # noqa: BLE001 - every failure becomes one sentence for a person
             if wants_trace:
                 raise
-            print(f"error: {describe(ex)}", file=sys.stderr)
-            if not isinstance(ex, (UserError, ValueError)) and not _is_config_error(ex):
-                print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
-            sys.exit(exit_status(ex))
+            _report_and_exit(ex)
         swept = sweep.take_last_result()
         if swept is not None and swept.exit_code:  # every job ran; exit as the worst failed job would alone
             print(f"error: {swept.message()}", file=sys.stderr)
@@ -56,6 +62,13 @@ def hydra_entry(
         return result
 
     return main
+
+
+def _report_and_exit(ex: BaseException) -> None:
+    print(f"error: {describe(ex)}", file=sys.stderr)
+    if not _is_user_error(ex):
+        print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+    sys.exit(exit_status(ex))
 
 
 def exit_status(ex: BaseException) -> int:
