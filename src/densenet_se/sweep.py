@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from densenet_se import distributed
 from densenet_se.errors import UserError
+from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
 from densenet_se.io import atomic_write_text
 
 log = logging.getLogger("densenet_se")
@@ -296,6 +297,7 @@ def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     header = ["job", "status", "overrides", "best val acc", "best epoch"]
     header += ["test acc", "test f1", "test auroc"] if with_test else []
     header += ["seconds", "run dir", "error"]
+    lines += folds_markdown(aggregate_folds(rows))  # a data.fold=range(K) sweep: mean ± std per setting
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, own in zip(rows, varying, strict=True):
         cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row["best_val_acc"]]
@@ -322,6 +324,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = collect_jobs(sweep_dir) if sweep_dir.is_dir() else []
     atomic_write_text(sweep_dir / SUMMARY_CSV, summary_csv(rows))
     atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(sweep_dir, rows))
+    write_folds_csv(sweep_dir, rows)  # sweep_folds.csv, only when the jobs are folds (densenet_se.folds)
     return rows
 
 
