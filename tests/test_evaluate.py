@@ -182,3 +182,21 @@ def test_eval_py_usage_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert err[-1].startswith(expected), err
+
+
+@pytest.mark.parametrize("name", ["eval", "predict", "export"])
+def test_yaml_defaults_mirror_the_schemas(name):
+    from omegaconf import OmegaConf
+
+    import densenet_se.export
+    import densenet_se.predict
+
+    schema = {
+        "eval": evaluate.EvalConfig,
+        "predict": densenet_se.predict.PredictConfig,
+        "export": densenet_se.export.ExportConfig,
+    }[name]
+    node = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    node.pop("defaults")
+    node.pop("hydra")
+    assert node == OmegaConf.to_container(OmegaConf.structured(schema))

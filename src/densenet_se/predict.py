@@ -188,6 +188,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 best = max(range(len(p)), key=p.__getitem__)
                 rows.append({"path": str(path), "predicted": class_names[best], "probs": p})
 
+    if cam is not None:
+        cam.close()
     write_csv(output, rows, class_names)
     listing = skipped_path(output)
     atomic_write_text(listing, "".join(f"{p}\t{r}\n" for p, r in skipped))
@@ -215,4 +217,7 @@ def _save_overlays(
     from densenet_se.explain import overlay_path, save_overlay
 
     for path, heat in zip(paths, maps, strict=True):
-        save_overlay(path, heat, overlay_path(path, out_dir, base), max_image_pixels)
+        try:
+            save_overlay(path, heat, overlay_path(path, out_dir, base), max_image_pixels)
+        except Exception as err:  # the prediction stands; a missing picture must not stop the batch
+            log.warning("could not write the Grad-CAM overlay of %s: %s", path, err)
