@@ -157,9 +157,8 @@ def test_cli_bad_checkpoint_exits_2_with_one_line(tmp_path, monkeypatch, capsys,
         args.append(f"input={tmp_path}")
     assert run_cli(tool, args, monkeypatch) == 2
     err = capsys.readouterr().err
-    # Hydra itself logs "Error executing job with overrides: [...]" first; ours is the one sentence after it.
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and str(path) in last, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], err
     assert "Traceback" not in err
 
 
@@ -182,7 +181,9 @@ def test_predict_py_refuses_a_malicious_checkpoint_in_a_fresh_process(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: refusing to load checkpoint {evil}: it needs arbitrary code"), proc.stderr
-    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: refusing to load checkpoint {evil}: it needs arbitrary code"), (
+        proc.stderr
+    )
     assert not marker.exists()

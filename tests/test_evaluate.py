@@ -179,9 +179,9 @@ def test_eval_py_prints_the_table_and_writes_its_run_dir(run_dir, tmp_path, monk
 def test_eval_py_usage_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys, args, expected):
     args = [a.replace("CKPT", str(run_dir / "checkpoints" / "best.ckpt")) for a in args]
     status = run_cli("eval", [*args, f"hydra.run.dir={tmp_path / 'r'}"], monkeypatch)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2
-    assert err[-1].startswith(expected), err
+    assert len(err) == 1 and err[0].startswith(expected), err
 
 
 @pytest.mark.parametrize("name", ["eval", "predict", "export"])
