@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from densenet_se.data.images import MAX_IMAGE_PIXELS, _to_rgb
+from densenet_se.data.images import MAX_IMAGE_PIXELS, to_rgb
 from densenet_se.io import atomic_write_bytes
 from densenet_se.module import unwrap
 
@@ -72,7 +72,7 @@ def display_image(path: str | os.PathLike[str], max_image_pixels: int = MAX_IMAG
         im.seek(0)
         im.load()
         im = ImageOps.exif_transpose(im)
-        return _to_rgb(im).copy()
+        return to_rgb(im).copy()
 
 
 def _jet() -> bytes:

@@ -35,7 +35,10 @@ def curves_figure(epochs: Sequence[dict]) -> Figure:
             points = [(e, v) for e, v in points if v is not None]
             if points:
                 ax.plot(
-                    *zip(*points, strict=True), style, markersize=3, label="train" if stage == "train" else "validation"
+                    *zip(*points, strict=True),
+                    style,
+                    markersize=3,
+                    label="train" if stage == "train" else "validation",
                 )
         ax.set_title(title)
         ax.set_xlabel("epoch")

@@ -95,7 +95,7 @@ def scan_image_folder(
     return ImageFolderScan(root=root, class_names=class_names, files=files, labels=labels)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparent pixels are composited on white, high bit depths are rescaled."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(im).astype(np.float64)
@@ -138,7 +138,7 @@ def decode_image(
                 im = ImageOps.exif_transpose(im)
             except Exception as err:  # a broken EXIF block should not cost a good image
                 log.debug("ignoring unreadable EXIF orientation in %s: %s", path, err)
-            rgb = _to_rgb(im).resize((image_size, image_size), Image.Resampling.BILINEAR)
+            rgb = to_rgb(im).resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(rgb, dtype=np.uint8)
     except (BadImageError, FileNotFoundError):
         raise
