@@ -46,6 +46,8 @@ def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
     assert metrics["best_val_acc"] == pytest.approx(best)
     assert 0.0 <= best <= 1.0
     assert metrics["class_names"] == ["Monkeypox", "Others"]
+    # The leakage statement is part of every metrics.json write.
+    assert metrics["grouped_split"] is False and metrics["folds"] == 0
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
     for row in metrics["epochs"]:
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc", "val_f1", "seconds"):

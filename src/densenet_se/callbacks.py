@@ -45,10 +45,16 @@ class RunReport(L.Callback):
     """
 
     def __init__(
-        self, run_dir: str | Path, hparams: dict[str, Any] | None = None, num_samples: int = 32
+        self,
+        run_dir: str | Path,
+        hparams: dict[str, Any] | None = None,
+        num_samples: int = 32,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.hparams = hparams or {}
+        # Run facts that every metrics.json write carries (e.g. the split's leakage statement).
+        self.extra = dict(extra or {})
         self.num_samples = num_samples
         self.epochs: list[dict[str, Any]] = []
         self.confmats: dict[int, list[list[int]]] = {}
@@ -167,12 +173,11 @@ class RunReport(L.Callback):
             "total_seconds": round(self.total_seconds, 3),
             "test": self.test,
             **({"hparams": self.hparams} if self.hparams else {}),
+            **self.extra,
         }
 
-    def write_metrics(self, trainer: L.Trainer | None = None, extra: dict[str, Any] | None = None) -> None:
+    def write_metrics(self, trainer: L.Trainer | None = None) -> None:
         data = self.summary(trainer)
-        if extra:
-            data.update(extra)
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(data, indent=2) + "\n")
 
     def _write_samples(self, trainer: L.Trainer) -> None:

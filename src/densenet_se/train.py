@@ -160,7 +160,8 @@ def run(cfg: DictConfig) -> float | None:
         session.record()
         log.info("resuming %s after epoch %d from %s", run_dir, session.epoch, session.checkpoint)
     module = build_module(cfg, datamodule)
-    report = RunReport(run_dir, hparams=hparams_for_logging(cfg))
+    # extra: the split's leakage statement (grouped_split, groups, folds, fold) in every metrics.json write.
+    report = RunReport(run_dir, hparams=hparams_for_logging(cfg), extra=datamodule.split_report)
     trainer = build_trainer(cfg, run_dir, report)
     check_multirun_launch(trainer)  # Lightning's DDP re-launch cannot run inside a sweep
 
@@ -177,8 +178,8 @@ def run(cfg: DictConfig) -> float | None:
         test = {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
         test["confusion_matrix"] = module.last_test_confmat
         report.test = test
-    if trainer.is_global_zero:  # with the split's leakage statement: grouped_split, groups, folds, fold
-        report.write_metrics(trainer, extra=datamodule.split_report)
+    if trainer.is_global_zero:
+        report.write_metrics(trainer)
     best = report.best()
     if best is not None:
         log.info(
