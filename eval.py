@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from densenet_se.cli import hydra_entry
-from densenet_se.evaluate import run
+from densenet_se.evaluate import EvalConfig, run
 
-main = hydra_entry(run, config_name="eval", config_dir=Path(__file__).parent / "conf")
+main = hydra_entry(run, config_name="eval", config_dir=Path(__file__).parent / "conf", schema=EvalConfig)
 
 if __name__ == "__main__":
     main()

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 from densenet_se.cli import hydra_entry
-from densenet_se.predict import run
+from densenet_se.predict import PredictConfig, run
 
-main = hydra_entry(run, config_name="predict", config_dir=Path(__file__).parent / "conf")
+main = hydra_entry(
+    run, config_name="predict", config_dir=Path(__file__).parent / "conf", schema=PredictConfig
+)
 
 if __name__ == "__main__":
     main()

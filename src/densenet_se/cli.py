@@ -24,7 +24,7 @@ EXIT_USER_ERROR = 2
 
 
 def hydra_entry(
-    task: Callable[[DictConfig], Any], config_name: str, config_dir: str | Path
+    task: Callable[[DictConfig], Any], config_name: str, config_dir: str | Path, schema: Any = None
 ) -> Callable[[], Any]:
     """Wrap `task` as a Hydra app reading `config_dir/config_name.yaml`, with one-line errors."""
 
@@ -41,7 +41,7 @@ def hydra_entry(
             if wants_trace:
                 raise
             # Exit here, inside the job: re-raised, Hydra would print its own "Error executing job" line too.
-            _report_and_exit(ex)
+            _report_and_exit(ex, schema)
 
     def main() -> Any:
         # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
@@ -54,7 +54,7 @@ def hydra_entry(
         except Exception as ex:  # noqa: BLE001 - every failure becomes one sentence for a person
             if wants_trace:
                 raise
-            _report_and_exit(ex)
+            _report_and_exit(ex, schema)
         swept = sweep.take_last_result()
         if swept is not None and swept.exit_code:  # every job ran; exit as the worst failed job would alone
             print(f"error: {swept.message()}", file=sys.stderr)
@@ -64,8 +64,8 @@ def hydra_entry(
     return main
 
 
-def _report_and_exit(ex: BaseException) -> None:
-    print(f"error: {describe(ex)}", file=sys.stderr)
+def _report_and_exit(ex: BaseException, schema: Any = None) -> None:
+    print(f"error: {describe(ex, schema)}", file=sys.stderr)
     if not _is_user_error(ex):
         print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
     sys.exit(exit_status(ex))
@@ -87,8 +87,11 @@ def _is_user_error(ex: BaseException) -> bool:
     return isinstance(ex, (UserError, ValueError)) or _is_config_error(ex)
 
 
-def describe(ex: BaseException) -> str:
-    """One sentence for a person, from any exception raised while composing or running."""
+def describe(ex: BaseException, schema: Any = None) -> str:
+    """One sentence for a person, from any exception raised while composing or running.
+
+    `schema`: the entry point's config dataclass, for "did you mean" hints (default: the training schema).
+    """
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -108,7 +111,7 @@ def describe(ex: BaseException) -> str:
     cause = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         key = str(cause.full_key)
-        close = config.closest_key(key)
+        close = config.closest_key(key, schema or config.TrainConfig)
         if close == key:  # a real argument that the YAML does not list
             return f"{key} is not in the config; add it with +{key}=VALUE"
         hint = f"; did you mean {close}?" if close else "; see the keys in conf/ or the README"
