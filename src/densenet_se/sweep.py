@@ -98,9 +98,9 @@ def slurm_tasks(devices: Any) -> int:
     )
 
 
-def slurm_gpus(accelerator: Any, devices: Any) -> int:
-    """GPUs per node to request: none for CPU runs, else one per device."""
-    return 0 if str(accelerator) == "cpu" else slurm_tasks(devices)
+def slurm_gpus(accelerator: Any, devices: Any) -> int | None:
+    """GPUs per node to request: one per device, or None (no --gpus-per-node line) for CPU runs."""
+    return None if str(accelerator) == "cpu" else slurm_tasks(devices)
 
 
 def register_resolvers() -> None:
@@ -179,7 +179,11 @@ def check_multirun_launch(trainer: Any) -> None:
         from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
     except ImportError:  # pragma: no cover - a Lightning without it cannot re-launch either
         return
-    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+    strategy = trainer.strategy
+    environment = getattr(strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return  # srun or torchrun started every process: nothing is re-launched
+    if isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher):
         raise UserError(multirun_ddp_message(trainer.world_size))
 
 
