@@ -68,13 +68,18 @@ def test_job_dir_names_use_safe_characters_only():
     assert sweep.job_dir_name(1, ["optim.lr=1e-05"]) == "1_optim.lr=1e-05"
 
 
-def test_long_job_dir_names_are_cut_and_end_in_a_hash():
+def test_long_job_dir_names_keep_whole_overrides_and_end_in_a_hash():
     many = [f"model.key_{i}=value_{i}" for i in range(20)]
     a = sweep.job_dir_name(0, many)
     b = sweep.job_dir_name(0, [*many[:-1], "model.key_19=other"])
-    assert len(a) == len(b) == len("0_") + sweep.MAX_DIRNAME
-    assert a != b and a[:-8] == b[:-8]  # same readable start, different hash
-    assert re.fullmatch(r"[A-Za-z0-9._=-]+", a)
+    assert len(a) <= len("0_") + sweep.MAX_DIRNAME and re.fullmatch(r"[A-Za-z0-9._=-]+", a)
+    kept, digest = a[2:].rsplit("-", 1)
+    assert kept.split("__") == many[: len(kept.split("__"))] and len(kept.split("__")) >= 4
+    assert a != b and b.startswith(f"0_{kept}-") and len(digest) == 8
+    # Optuna's long decimals keep 4 significant digits in the name.
+    assert sweep.job_dir_name(1, ["optim.lr=0.0028528060291470388", "model.drop_rate=0.25"]) == (
+        "1_optim.lr=0.002853__model.drop_rate=0.25"
+    )
 
 
 # ------------------------------------------------------------------------------------------ summary from job dirs
@@ -146,6 +151,41 @@ def test_sweep_jobs_share_the_disk_cache_unless_data_cache_is_given():
     cfg = OmegaConf.create({"data": {"cache": "device"}})
     sweep.share_image_cache(cfg, [])
     assert cfg.data.cache == "device"
+
+
+def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cfg = _hydra_cfg(["optim.lr=0.5"])
+    with open_dict(cfg):
+        cfg.hydra.job.num = 4
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    HydraConfig.instance().set_config(cfg)
+    task_cfg = OmegaConf.create({"data": {"cache": "memory"}})
+
+    def fails(_cfg):
+        raise UserError("data.root=/x does not exist: set data.root.")
+
+    # None, not NaN: hydra-optuna-sweeper then marks the trial failed and goes on.
+    assert sweep.run_job(fails, task_cfg) is None
+    status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
+    assert (status["job"], status["status"], status["exit_code"]) == (4, "failed", 2)
+    assert status["error"] == "data.root=/x does not exist: set data.root." and status["overrides"] == [
+        "optim.lr=0.5"
+    ]
+
+    def crashes(_cfg):
+        raise RuntimeError("CUDA error: out of memory\nmore detail")
+
+    assert sweep.run_job(crashes, task_cfg) is None
+    status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
+    assert status["exit_code"] == 1 and status["error"] == "RuntimeError: CUDA error: out of memory"
+
+    assert sweep.run_job(lambda c: 0.75 if c.data.cache == "disk" else -1.0, task_cfg) == 0.75
+    status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
+    assert (status["status"], status["value"], status["exit_code"]) == ("completed", 0.75, 0)
 
 
 # ------------------------------------------------------------------------------------------ multi-process jobs

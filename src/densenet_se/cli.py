@@ -54,7 +54,9 @@ def hydra_entry(
         except Exception as ex:  # noqa: BLE001 - every failure becomes one sentence for a person
             if wants_trace:
                 raise
-            _report_and_exit(ex, schema)
+            # A sweep that stopped after some jobs ran (e.g. every Optuna trial failed) also names its summary.
+            swept = sweep.take_last_result()
+            _report_and_exit(ex, schema, f" ({swept.message()})" if swept and swept.failed else "")
         swept = sweep.take_last_result()
         if swept is not None and swept.exit_code:  # every job ran; exit as the worst failed job would alone
             print(f"error: {swept.message()}", file=sys.stderr)
@@ -64,8 +66,8 @@ def hydra_entry(
     return main
 
 
-def _report_and_exit(ex: BaseException, schema: Any = None) -> None:
-    print(f"error: {describe(ex, schema)}", file=sys.stderr)
+def _report_and_exit(ex: BaseException, schema: Any = None, detail: str = "") -> None:
+    print(f"error: {describe(ex, schema)}{detail}", file=sys.stderr)
     if not _is_user_error(ex):
         print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
     sys.exit(exit_status(ex))

@@ -66,23 +66,41 @@ def _safe(text: str) -> str:
     return re.sub(r"-{2,}", "-", text).strip("-")
 
 
+def _short_number(value: str) -> str:
+    # Optuna's 0.0028528060291470388 reads as 0.002853 in a name; the exact value is in .hydra/overrides.yaml.
+    if re.fullmatch(r"-?\d*\.\d{7,}(e-?\d+)?|-?\d\.\d{5,}e-?\d+", value):
+        return f"{float(value):.4g}"
+    return value
+
+
+def _name_item(override: str) -> str:
+    key, _, value = override.lstrip("+~").partition("=")
+    return f"{_safe(key)}={_safe(_short_number(value))}"
+
+
 def job_dir_name(num: Any, overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
     """`<num>_<key=value>__<key=value>...` from a job's overrides, in filename-safe characters.
 
-    `model.block_config=[6,12,24,16]` becomes `model.block_config=6-12-24-16` and `data.root=/a b/c`
-    `data.root=a-b-c`; hydra.* and `exclude` keys are left out; a name over MAX_DIRNAME characters is cut
-    and ends in 8 hex digits of its hash.
+    `model.block_config=[6,12,24,16]` becomes `model.block_config=6-12-24-16`, `data.root=/a b/c`
+    `data.root=a-b-c` and long decimals keep 4 significant digits; hydra.* and `exclude` keys are left out.
+    A name over MAX_DIRNAME characters keeps the overrides that fit whole and ends in 8 hex digits of a hash
+    of the full name.
     """
     excluded = set(exclude or ())
     items = [
-        "=".join(_safe(part) for part in o.lstrip("+~").split("=", 1))
+        _name_item(o)
         for o in overrides
         if not _override_key(o).startswith("hydra.") and _override_key(o) not in excluded
     ]
-    body = "__".join(i for i in items if i)
+    body = "__".join(items)
     if len(body) > MAX_DIRNAME:
         digest = hashlib.sha1(body.encode()).hexdigest()[:8]
-        body = f"{body[: MAX_DIRNAME - 9].rstrip('-_.')}-{digest}"
+        kept = ""
+        for item in items:  # whole overrides only: a value cut short would read as another value
+            if len(kept) + len(item) + 2 > MAX_DIRNAME - 9:
+                break
+            kept = f"{kept}__{item}" if kept else item
+        body = f"{kept or body[: MAX_DIRNAME - 9]}-{digest}"
     return f"{num}_{body}" if body else str(num)
 
 
@@ -126,7 +144,8 @@ def is_multirun() -> bool:
 def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
 
-    Returns the task's value, or NaN for a failed job (Optuna then records the trial as failed).
+    Returns the task's value, or None for a failed job (Optuna then records the trial as failed; a NaN would
+    make hydra-optuna-sweeper 1.3 stop the search).
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -149,7 +168,7 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             exit_code=exit_status(ex),
             traceback="".join(traceback.format_exception(ex)),
         )
-        value = math.nan
+        value = None
     else:
         status.update(status="completed", value=value, exit_code=0)
     status["seconds"] = round(time.perf_counter() - start, 3)
@@ -379,10 +398,23 @@ class SweepSummary(Callback):
         if processes > 1 and "spawn" not in str(trainer.get("strategy", "auto")):
             raise UserError(multirun_ddp_message(processes))
 
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        # Refreshed after every job, so a sweep that is killed or stops early still has its summary.
+        if (
+            str(OmegaConf.select(config, "hydra.mode", default="")) == "RunMode.MULTIRUN"
+            and distributed.is_rank_zero()
+        ):
+            self._summarise(config)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = self._summarise(config)
+        done = sum(r["status"] == "completed" for r in rows)
+        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), _last.sweep_dir / SUMMARY_MD)
+
+    @staticmethod
+    def _summarise(config: DictConfig) -> list[dict[str, Any]]:
         global _last
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         rows = write_summary(sweep_dir)
         _last = SweepResult(sweep_dir, rows)
-        done = sum(r["status"] == "completed" for r in rows)
-        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), sweep_dir / SUMMARY_MD)
+        return rows
