@@ -132,6 +132,20 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.scheduler": ("none", "cosine", "step", "plateau"),
 }
 
+
+def _batches(open_low: bool = False) -> Any:
+    """Lightning's batch-count keys: a float is a fraction of the epoch, an int a number of batches."""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return True  # e.g. a time interval string for val_check_interval: Lightning checks it
+        if isinstance(v, float):
+            return (0.0 < v if open_low else 0.0 <= v) and v <= 1.0
+        return v >= (1 if open_low else 0)
+
+    return ok
+
+
 # key -> (predicate, allowed range in words)
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.image_size": (lambda v: v >= 32, "an integer >= 32"),
@@ -158,6 +172,19 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "optim.warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
     "optim.label_smoothing": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    # Lightning accepts some of these and fails later (a modulo by zero) or trains nothing.
+    "trainer.max_epochs": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.min_epochs": (lambda v: v >= 0, "an integer >= 0"),
+    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1 (or null)"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.num_sanity_val_steps": (lambda v: v >= -1, "an integer >= 0, or -1 for all"),
+    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (or null)"),
+    "trainer.val_check_interval": (_batches(True), "a fraction in (0, 1] or a number of batches >= 1"),
+    "trainer.limit_train_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
+    "trainer.limit_val_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
+    "trainer.limit_test_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
 }
 
 
@@ -171,7 +198,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
-        if not ok(value):
+        try:
+            good = ok(value)
+        except TypeError:  # trainer.* values are untyped: a string where a number belongs
+            good = False
+        if not good:
             raise UserError(f"{key}={_show(value)} is out of range; it must be {words}.")
     data = cfg.data
     if data.val_fraction + data.test_fraction >= 1.0:
