@@ -2,55 +2,93 @@
 
 Every (variant, repeat) runs in a fresh subprocess so memory peaks do not leak between variants, and the
 variants take turns (round robin) so load from other processes on a shared machine hits all of them alike.
+A train step is zero_grad + forward + cross-entropy + backward + Adam step on one fixed random batch.
 
-Peak memory:
-- cuda: ``torch.cuda.max_memory_allocated()`` minus what was allocated before the first step (model,
-  optimizer, batch): the tensors a training step needs on top of the weights, exactly.
-- cpu: peak resident set size (``ru_maxrss``) minus the RSS before the first step. Honest but coarse: it
-  includes allocator slack and freed-but-not-returned pages, so compare variants only with each other.
+Peak memory is measured on one extra, untimed step after the timed ones, as the peak of tensor bytes
+allocated during forward + backward + optimizer step above what was live before it (weights, Adam state):
+- cuda: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at the step's start.
+- cpu: the same quantity from the allocation and free events that ``torch.profiler`` records with
+  ``profile_memory=True`` (running sum, in time order, of every CPU allocation and free in the step). Exact
+  for tensor memory; allocator slack and non-tensor buffers (oneDNN scratch pads) are not included.
+
+Layouts: ``tiny`` and ``121`` are conf/model/densenet_tiny_se.yaml and densenet121_se.yaml; ``121-narrow``
+is DenseNet-121's depth at 3/8 of its width (same per-layer structure and Python overhead, CPU-sized).
 
     python benchmarks/model_throughput.py --layout tiny --image-size 64 --batch-size 32 --device cpu
+    python benchmarks/model_throughput.py --layout 121 --image-size 224 --batch-size 32 --variants none none_me
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-LAYOUTS = {
-    # DenseNet-121's depth at 3/8 of its width: same per-layer structure and Python overhead, CPU-sized.
-    "tiny": {"growth_rate": 12, "block_config": (6, 12, 24, 16), "num_init_features": 24, "bn_size": 4},
-    "121": {"growth_rate": 32, "block_config": (6, 12, 24, 16), "num_init_features": 64, "bn_size": 4},
-}
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression_rate")
+LAYOUTS = {"tiny": "densenet_tiny_se", "121": "densenet121_se", "121-narrow": "densenet121_se"}
+NARROW = {"growth_rate": 12, "num_init_features": 24}
 VARIANTS = {
     "torchvision": "torchvision DenseNet",
     "none": "DenseNetSE se=none",
     "none_me": "DenseNetSE se=none memory_efficient",
     "head": "DenseNetSE se=head",
 }
+# Each variant's speed and memory are compared with this one.
+REFERENCES = {"none": "torchvision", "head": "none", "none_me": "none"}
 
 
-def build(variant: str, layout: dict, num_classes: int):
-    """The model for one variant; torchvision's class has no compression_rate (always 0.5, our default)."""
+def layout(name: str) -> dict:
+    """The network layout of conf/model/<file>.yaml (one source of truth with training), as plain values."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import densenet_se.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={LAYOUTS[name]}"])
+    model = OmegaConf.to_container(cfg.model)
+    chosen = {k: model[k] for k in LAYOUT_KEYS}
+    if name == "121-narrow":
+        chosen.update(NARROW)
+    chosen["se_reduction"] = model["se_reduction"]
+    return chosen
+
+
+def build(variant: str, spec: dict, num_classes: int):
+    """The model for one variant; torchvision's class has no compression_rate (always 0.5) or SE."""
     if variant == "torchvision":
         from torchvision.models import DenseNet
 
-        return DenseNet(num_classes=num_classes, **layout)
+        if spec["compression_rate"] != 0.5:
+            raise ValueError("torchvision's DenseNet always compresses by 0.5")
+        keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
+        return DenseNet(
+            num_classes=num_classes, **{k: tuple(spec[k]) if k == "block_config" else spec[k] for k in keys}
+        )
     from densenet_se.models import DenseNetSE
 
     placement = "head" if variant == "head" else "none"
-    return DenseNetSE(num_classes, se_placement=placement, memory_efficient=variant == "none_me", **layout)
+    return DenseNetSE(num_classes, se_placement=placement, memory_efficient=variant == "none_me", **spec)
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def cpu_step_peak(step) -> int:
+    """Peak bytes of CPU tensor memory allocated by `step()` above the level at its start (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in events if e.device_type().name == "CPU"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()  # negative for frees
+        peak = max(peak, level)
+    return peak
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -60,50 +98,69 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build(args.worker, LAYOUTS[args.layout], args.num_classes).to(device).train()
+    spec = json.loads(args.spec)
+    model = build(args.worker, spec, args.num_classes).to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    forward = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # the project's optimizer
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def forward_backward_step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = forward(x)
+        F.cross_entropy(logits.float(), y).backward()
+        optimizer.step()
+
+    times = []
+    first_step = None
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward_step()
+        sync()
+        if step == 0:
+            first_step = time.perf_counter() - start
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)  # outside the measured step, like the CUDA baseline below
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
-    else:
-        baseline = current_rss()
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        forward_backward_step()
         sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - baseline
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # Linux: KiB
-    print(json.dumps({"times": times, "peak_bytes": peak, "threads": torch.get_num_threads()}))
+        peak = cpu_step_peak(forward_backward_step)
+    print(
+        json.dumps(
+            {"times": times, "first": first_step, "peak_bytes": peak, "threads": torch.get_num_threads()}
+        )
+    )
 
 
-def run_worker(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant]
-    for key in ("layout", "image_size", "batch_size", "steps", "warmup", "device", "num_classes"):
+def run_worker(variant: str, args: argparse.Namespace, spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--spec", json.dumps(spec)]
+    for key in ("image_size", "batch_size", "steps", "warmup", "device", "num_classes", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"error: worker {variant} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiny")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="tiny")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -112,19 +169,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--num-classes", type=int, default=2)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (first step compiles)"
+    )
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1 and --warmup at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         worker(args)
         return
 
-    results: dict[str, dict] = {v: {"times": [], "peaks": []} for v in args.variants}
+    spec = layout(args.layout)
+    results: dict[str, dict] = {v: {"times": [], "peaks": [], "first": []} for v in args.variants}
     threads = None
     for repeat in range(1, args.repeats + 1):
         for variant in args.variants:
-            out = run_worker(variant, args)
+            out = run_worker(variant, args, spec)
             results[variant]["times"] += out["times"]
             results[variant]["peaks"].append(out["peak_bytes"])
+            results[variant]["first"].append(out["first"])
             threads = out["threads"]
             print(  # progress on stderr, so a run cut short still leaves figures
                 f"run {repeat}/{args.repeats} {VARIANTS[variant]}: median {statistics.median(out['times']):.4f} "
@@ -137,31 +209,43 @@ def main(argv: list[str] | None = None) -> None:
     for variant, r in results.items():
         step = statistics.median(r["times"])
         rows[variant] = (step, min(r["times"]), args.batch_size / step, statistics.median(r["peaks"]) / 2**20)
-    memory_kind = "peak allocated growth" if args.device.startswith("cuda") else "peak RSS growth"
-    layout = LAYOUTS[args.layout]
+    memory_kind = (
+        "peak allocated in one step (cuda)"
+        if args.device.startswith("cuda")
+        else ("peak tensor bytes in one step (torch.profiler)")
+    )
+    extras = "".join(
+        f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on
+    )
     print(
-        f"layout {args.layout} ({', '.join(f'{k}={v}' for k, v in layout.items())}), "
+        f"layout {args.layout} ({', '.join(f'{k}={v}' for k, v in spec.items() if k != 'se_reduction')}), "
         f"{args.image_size}x{args.image_size} px, batch {args.batch_size}, device {args.device}"
-        f"{f' ({threads} threads)' if args.device == 'cpu' else ''}, Adam; median of "
+        f"{f' ({threads} threads)' if args.device == 'cpu' else ''}, {args.precision}{extras}, Adam; median of "
         f"{args.steps} steps x {args.repeats} runs after {args.warmup} warmup steps each; memory: {memory_kind}"
     )
     # min s/step is shown because on a shared machine it is the step least disturbed by other processes.
     header = (
         f"{'variant':38} {'s/step':>8} {'min s':>8} {'images/s':>9} {'MiB':>9} {'speed ratio':>24} "
-        f"{'memory ratio':>12}"
+        f"{'memory ratio':>12} {'time ratio':>10}"
     )
     print(header)
     print("-" * len(header))
-    references = {"none": "torchvision", "head": "none", "none_me": "none"}
     for variant, (step, fastest, ips, mib) in rows.items():
-        ref = references.get(variant)
+        ref = REFERENCES.get(variant)
         if ref in rows:
             ratio = f"{ips / rows[ref][2]:.3f} vs {ref}"
             mem_ratio = f"{mib / rows[ref][3]:.3f}" if rows[ref][3] > 0 else "n/a"
+            time_ratio = f"{step / rows[ref][0]:.3f}"
         else:
-            ratio, mem_ratio = "", ""
+            ratio, mem_ratio, time_ratio = "", "", ""
         print(
-            f"{VARIANTS[variant]:38} {step:8.4f} {fastest:8.4f} {ips:9.1f} {mib:9.1f} {ratio:>24} {mem_ratio:>12}"
+            f"{VARIANTS[variant]:38} {step:8.4f} {fastest:8.4f} {ips:9.1f} {mib:9.1f} {ratio:>24} "
+            f"{mem_ratio:>12} {time_ratio:>10}"
+        )
+    if args.compile:
+        first = {v: statistics.median(r["first"]) for v, r in results.items()}
+        print(
+            "first step incl. compile (s): " + ", ".join(f"{VARIANTS[v]} {t:.1f}" for v, t in first.items())
         )
 
 

@@ -143,6 +143,11 @@ class DenseNetSEClassifier(L.LightningModule):
         return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.hparams.label_smoothing)
 
     # ------------------------------------------------------------------------------------------------ steps
+    def setup(self, stage: str) -> None:
+        # TF32 tensor cores for the float32 matmuls autocast leaves alone (and for whole 32-true runs) on GPUs.
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+
     def on_train_start(self) -> None:
         # The sanity check must not leave a best value behind.
         self.val_acc_best.reset()

@@ -1,0 +1,374 @@
+"""Epoch wall time: a plain-PyTorch loop faithful to the notebook vs this project's pipeline, on the same data.
+
+Both train the same network (DenseNetSE from the chosen conf/model layout, or torchvision's DenseNet at that
+layout with --baseline-model torchvision) on the same generated demo set and the same train/val split, with
+Adam, training and then evaluating once per epoch. They run in one process and take turns epoch by epoch
+(project epoch, notebook epoch, project epoch, ...), so load from other processes hits both alike.
+
+- notebook: torchvision ImageFolder decoding every JPEG every epoch with Resize((S, S)) + ToTensor +
+  Normalize, DataLoader(num_workers=0), fp32, `loss.item()` and `(pred == y).sum().item()` per batch, and
+  `torch.save` of the state dict when the validation accuracy improves.
+- project: ImageFolderDataModule (decoded once into the uint8 cache: `data.cache=memory`, or `device` with
+  trainer=gpu) + DenseNetSEClassifier + lightning Trainer. `--pipeline train` (default) builds the Trainer as
+  `python train.py` does (checkpoints, TensorBoard, model summary, LR monitor, run reports, NaN guard), with
+  the progress bar off; `--pipeline lean` has no loggers, checkpoints, summary or progress bar.
+
+An epoch is timed from one training-epoch start to the next (training, validation, checkpoints, logging); the
+first epoch of each is a warm-up and left out of the medians when there are 3 or more. One-time costs (the
+project's decode into the cache, the sanity check, the final reports) are shown separately.
+
+    python benchmarks/compare_notebook.py --image-size 64 --layout tiny --epochs 7 --batch-size 32 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {"tiny": "densenet_tiny_se", "121": "densenet121_se"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compose(args: argparse.Namespace, data_root: Path, work: Path):
+    """The project's config for this comparison: conf/train.yaml with the layout, sizes and device asked for."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    import densenet_se.config  # noqa: F401  (registers the schema)
+
+    overrides = [
+        f"model={LAYOUTS[args.layout]}",
+        f"trainer={'gpu' if args.device.startswith('cuda') else 'cpu'}",
+        f"data.root={data_root}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.max_epochs={args.epochs}",
+        "trainer.enable_progress_bar=false",
+        "optim.lr=1e-4",  # the notebook's
+        *args.override,
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(work)
+        cfg.paths.data_dir = str(work / "data")
+        cfg.paths.output_dir = str(work / "run")
+        cfg.paths.cache_dir = str(work / "cache")
+    return cfg
+
+
+class NotebookLoop:
+    """The notebook's training loop: decode every epoch, plain PyTorch, host reads of every batch's figures."""
+
+    def __init__(self, args: argparse.Namespace, cfg, split: dict, work: Path) -> None:
+        from torch.utils.data import DataLoader, Subset
+        from torchvision import datasets, transforms
+
+        from densenet_se.config import plain
+
+        self.device = torch.device(args.device)
+        size = args.image_size
+        transform = transforms.Compose(
+            [
+                transforms.Resize((size, size)),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
+        root = Path(split["root"])
+        dataset = datasets.ImageFolder(str(root), transform=transform)
+        position = {Path(path).relative_to(root).as_posix(): i for i, (path, _) in enumerate(dataset.samples)}
+        train = Subset(dataset, [position[rel] for rel, _ in split["train"]])
+        val = Subset(dataset, [position[rel] for rel, _ in split["val"]])
+        self.train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, num_workers=0)
+        self.val_loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, num_workers=0)
+        self.images = len(train) + len(val)
+        model = plain(cfg.model)
+        layout = {k: model[k] for k in ("growth_rate", "block_config", "num_init_features", "bn_size")}
+        num_classes = len(dataset.classes)
+        if args.baseline_model == "torchvision":
+            from torchvision.models import DenseNet
+
+            self.model = DenseNet(num_classes=num_classes, **layout)
+        else:
+            from densenet_se.models import DenseNetSE
+
+            keys = ("compression_rate", "drop_rate", "se_reduction", "se_placement", "memory_efficient")
+            self.model = DenseNetSE(num_classes, **layout, **{k: model[k] for k in keys})
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.best_path = work / "notebook_best.pth"
+        self.best_acc = -1.0
+
+    def epoch(self) -> float:
+        """One training epoch and one evaluation, as the notebook ran them; returns wall seconds."""
+        start = time.perf_counter()
+        self.model.train()
+        running_loss, correct, seen = 0.0, 0, 0
+        for images, labels in self.train_loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad()
+            outputs = self.model(images)
+            loss = self.criterion(outputs, labels)
+            loss.backward()
+            self.optimizer.step()
+            running_loss += loss.item() * images.size(0)
+            correct += (outputs.argmax(1) == labels).sum().item()
+            seen += images.size(0)
+        self.model.eval()
+        val_loss, val_correct, val_seen = 0.0, 0, 0
+        with torch.no_grad():
+            for images, labels in self.val_loader:
+                images, labels = images.to(self.device), labels.to(self.device)
+                outputs = self.model(images)
+                val_loss += self.criterion(outputs, labels).item() * images.size(0)
+                val_correct += (outputs.argmax(1) == labels).sum().item()
+                val_seen += images.size(0)
+        accuracy = val_correct / max(val_seen, 1)
+        if accuracy > self.best_acc:
+            self.best_acc = accuracy
+            torch.save(self.model.state_dict(), self.best_path)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+class ComputeFloor:
+    """The same network's training and evaluation steps on batches already normalised in memory, nothing else.
+
+    No framework, no data loading, no host reads: what any pipeline needs at the least for this model.
+    """
+
+    def __init__(self, args: argparse.Namespace, notebook: NotebookLoop, datamodule) -> None:
+        import copy
+
+        from densenet_se.data.images import normalize
+
+        self.device = notebook.device
+        self.model = copy.deepcopy(notebook.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+
+        def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [(normalize(x.to(self.device)), y.to(self.device)) for x, y in loader]
+
+        self.train = batches(datamodule.train_dataloader())
+        self.val = batches(datamodule.val_dataloader())
+
+    def epoch(self) -> float:
+        start = time.perf_counter()
+        self.model.train()
+        for images, labels in self.train:
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(self.model(images), labels).backward()
+            self.optimizer.step()
+        self.model.eval()
+        with torch.inference_mode():
+            for images, _ in self.val:
+                self.model(images)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def interleaver(loops: dict, device: torch.device):
+    """A callback that runs one epoch of each other loop between two project epochs and times them all."""
+    import lightning as L
+
+    class Interleave(L.Callback):
+        def __init__(self) -> None:
+            self.project: list[float] = []
+            self.others: dict[str, list[float]] = {name: [] for name in loops}
+            self.mark: float | None = None
+            self.fit_start = time.perf_counter()
+            self.first_epoch_start: float | None = None
+            self.end: float | None = None
+
+        def _close_project_epoch(self) -> None:
+            sync(device)
+            now = time.perf_counter()
+            if self.mark is not None:
+                self.project.append(now - self.mark)
+            else:
+                self.first_epoch_start = now
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._close_project_epoch()
+            rng = torch.get_rng_state()  # the project's own seeding stays as it would be without us
+            with torch.enable_grad(), torch.inference_mode(False):
+                for name, loop in loops.items():
+                    self.others[name].append(loop.epoch())
+            torch.set_rng_state(rng)
+            self.mark = time.perf_counter()
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._close_project_epoch()
+            self.end = time.perf_counter()
+
+    return Interleave()
+
+
+def build_trainer(args: argparse.Namespace, cfg, datamodule, callback):
+    """The project's Trainer: as train.py builds it (--pipeline train) or stripped of all extras (lean)."""
+    import lightning as L
+
+    from densenet_se.callbacks import RunReport
+    from densenet_se.train import build_trainer as app_trainer
+    from densenet_se.train import hparams_for_logging, trainer_kwargs
+
+    if args.pipeline == "train":
+        run_dir = Path(cfg.paths.output_dir)
+        trainer = app_trainer(cfg, run_dir, RunReport(run_dir, hparams=hparams_for_logging(cfg)))
+        trainer.callbacks.insert(0, callback)  # first: its epoch-start hook runs before the others'
+        return trainer
+    kwargs = trainer_kwargs(cfg)
+    kwargs.update(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return L.Trainer(callbacks=[callback], **kwargs)
+
+
+def describe(values: list[float]) -> tuple[float, float]:
+    """(median, min) of the epochs after the warm-up one (all of them when there are fewer than 3)."""
+    counted = values[1:] if len(values) >= 3 else values
+    return statistics.median(counted), min(counted)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiny", help="conf/model file")
+    parser.add_argument("--image-size", type=int, default=64, help="training size S (Resize((S, S)))")
+    parser.add_argument("--epochs", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--images-per-class", type=int, default=350, help="demo set size (the demo: 350)")
+    parser.add_argument("--source-size", type=int, default=96, help="pixel size of the generated JPEGs")
+    parser.add_argument("--pipeline", choices=("train", "lean"), default="train")
+    parser.add_argument("--baseline-model", choices=("densenetse", "torchvision"), default="densenetse")
+    parser.add_argument("--no-floor", action="store_true", help="skip the compute-floor loop")
+    parser.add_argument("--data", help="use this ImageFolder tree instead of generating the demo set")
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides for the project side")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import lightning as L
+
+    from densenet_se.train import build_datamodule, build_module
+
+    device = torch.device(args.device)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="compare_notebook_") as tmp:
+        work = Path(tmp)
+        if args.data:
+            data_root = Path(args.data).resolve()
+        else:
+            from densenet_se.data.demo import make_demo_dataset
+
+            data_root = make_demo_dataset(work / "demo", args.images_per_class, args.source_size, seed=0)
+        cfg = compose(args, data_root, work)
+        L.seed_everything(cfg.seed, verbose=False)
+
+        start = time.perf_counter()
+        datamodule = build_datamodule(cfg, Path(cfg.paths.output_dir))
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        decode_seconds = time.perf_counter() - start
+        module = build_module(cfg, datamodule)
+
+        start = time.perf_counter()
+        notebook = NotebookLoop(args, cfg, datamodule.split, work)
+        setup_seconds = {"notebook": time.perf_counter() - start}
+        loops: dict = {"notebook": notebook}
+        if not args.no_floor:
+            start = time.perf_counter()
+            loops["floor"] = ComputeFloor(args, notebook, datamodule)
+            setup_seconds["floor"] = time.perf_counter() - start
+
+        callback = interleaver(loops, device)
+        trainer = build_trainer(args, cfg, datamodule, callback)
+        callback.fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        fit_end = time.perf_counter()
+        images = len(datamodule.split["train"]) + len(datamodule.split["val"])
+        counts = len(datamodule.split["train"]), len(datamodule.split["val"])
+
+    before_first = callback.first_epoch_start - callback.fit_start  # sanity check, samples, model summary
+    after_last = fit_end - callback.end  # curves.png, confusion matrix, metrics.json
+    project_once = decode_seconds + before_first + after_last
+    cache = cfg.data.cache
+    rows = [
+        (
+            "notebook (ImageFolder, decode every epoch)",
+            callback.others["notebook"],
+            setup_seconds["notebook"],
+        ),
+        (f"project (cache={cache}, Lightning, {args.pipeline})", callback.project, project_once),
+    ]
+    if "floor" in loops:
+        rows.insert(1, ("compute floor (same steps, tensors in memory)", callback.others["floor"], 0.0))
+
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    keys = ("growth_rate", "block_config", "num_init_features", "se_placement")
+    layout = ", ".join(f"{k}={cfg.model[k]}" for k in keys)
+    source = args.data or f"demo set {args.images_per_class}/class, {args.source_size} px JPEGs"
+    counted = "epochs 2.." if args.epochs >= 3 else "all epochs"
+    extras = "".join(
+        f", {name}"
+        for name, on in (("channels_last", cfg.model.channels_last), ("compile", cfg.model.compile))
+        if on
+    )
+    print(
+        f"{source} -> {args.image_size} px; layout {args.layout} ({layout}); batch {args.batch_size}; Adam; "
+        f"device {args.device}{threads}; train {counts[0]} + val {counts[1]} images per epoch"
+    )
+    print(
+        f"{args.epochs} epochs each, interleaved epoch by epoch; medians over {counted}; project: "
+        f"--pipeline {args.pipeline}, data.cache={cache}, precision {cfg.trainer.precision}{extras}; baseline "
+        f"model: {args.baseline_model}; load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    header = f"{'loop':48} {'median s/epoch':>14} {'min s/epoch':>11} {'images/s':>9} {'one-time s':>10} {'total s':>8}"
+    print(header)
+    print("-" * len(header))
+    medians = {}
+    for name, times, once in rows:
+        median, fastest = describe(times)
+        medians[name.split()[0]] = median
+        total = once + sum(times)
+        print(f"{name:48} {median:14.3f} {fastest:11.3f} {images / median:9.1f} {once:10.2f} {total:8.2f}")
+    for name, times, _ in rows:
+        print(f"epochs (s) {name.split()[0]:9} {' '.join(f'{t:.3f}' for t in times)}")
+    print(
+        f"project one-time (s): decode into the cache {decode_seconds:.2f}, fit start to first epoch "
+        f"{before_first:.2f}, last epoch to fit end {after_last:.2f}"
+    )
+    notebook_total = setup_seconds["notebook"] + sum(callback.others["notebook"])
+    project_total = project_once + sum(callback.project)
+    print(
+        f"ratio notebook/project median epoch time: {medians['notebook'] / medians['project']:.2f}x "
+        f"(whole run incl. one-time costs: {notebook_total / project_total:.2f}x)"
+    )
+    if "compute" in medians:
+        print(
+            f"bound notebook/floor: {medians['notebook'] / medians['compute']:.2f}x (no pipeline can beat it "
+            f"with this network); project/floor: {medians['project'] / medians['compute']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
