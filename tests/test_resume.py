@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, TINY, make_image_folder, subprocess_env
 from densenet_se.callbacks import EPOCH_KEYS
 from densenet_se.errors import UserError
-from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, find_run_dir, resumed_config
+from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, SeedEachEpoch, find_run_dir, resumed_config
 from densenet_se.train import run
 from test_train import compose_cfg
 
@@ -193,3 +193,36 @@ def test_changed_images_refuse_to_resume(tmp_path):
         UserError, match=r"data.root=/data no longer holds the images this run started with \(its train"
     ):
         session.check_split(SimpleNamespace(root="/data", split=moved))
+
+
+def _order(loader, callback: SeedEachEpoch, epoch: int, extra_iters: int) -> list[int]:
+    """The labels of one epoch after `extra_iters` earlier iter() calls, seeded for `epoch` before the last."""
+    for _ in range(extra_iters):
+        iter(loader)  # Lightning calls iter() a different number of times in resumed sessions
+    trainer = SimpleNamespace(current_epoch=epoch, train_dataloader=loader)
+    callback.on_train_epoch_start(trainer, None)
+    iterator = iter(loader)
+    return torch.cat([labels for _, labels in iterator]).tolist()
+
+
+@pytest.mark.parametrize("kind", ["dataloader", "device_batches"])
+def test_epoch_order_depends_on_seed_and_epoch_only(kind):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from densenet_se.data.datamodule import DeviceBatches
+
+    def loader():
+        images, labels = torch.zeros(40, 1), torch.arange(40)
+        if kind == "dataloader":  # seeded from the global RNG, like the data module's
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            return DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True, generator=generator)
+        return DeviceBatches(images, labels, range(40), batch_size=8, shuffle=True)
+
+    callback = SeedEachEpoch(seed=3)
+    torch.manual_seed(0)
+    fresh = _order(loader(), callback, epoch=2, extra_iters=0)
+    torch.manual_seed(1)
+    used = _order(loader(), callback, epoch=2, extra_iters=3)
+    assert fresh == used and sorted(fresh) == list(range(40))
+    assert _order(loader(), callback, epoch=3, extra_iters=0) != fresh
+    assert _order(loader(), SeedEachEpoch(seed=4), epoch=2, extra_iters=0) != fresh
