@@ -226,3 +226,25 @@ def test_epoch_order_depends_on_seed_and_epoch_only(kind):
     assert fresh == used and sorted(fresh) == list(range(40))
     assert _order(loader(), callback, epoch=3, extra_iters=0) != fresh
     assert _order(loader(), SeedEachEpoch(seed=4), epoch=2, extra_iters=0) != fresh
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_is_refused_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    hparams = {
+        "num_classes": 2,
+        "class_names": ["a", "b"],
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.2] * 3,
+    }
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {**hparams, "growth_rate": 12}, "epoch": 0},
+        run_dir / "checkpoints" / "last.ckpt",
+    )
+    cfg = compose_cfg(tmp_path, [*TINY, "data.root=/no/images", f"resume={run_dir}"])
+    with pytest.raises(
+        UserError, match=r"^model.growth_rate=4 does not match the checkpoint .*last.ckpt \(12\)"
+    ):
+        run(cfg)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
