@@ -3,7 +3,14 @@
 from pathlib import Path
 
 from densenet_se.cli import hydra_entry
-from densenet_se.train import run
+
+
+def run(cfg):
+    # Imported here, not at the top: a config error is then reported before torch and Lightning load.
+    from densenet_se.train import run as train
+
+    return train(cfg)
+
 
 main = hydra_entry(run, config_name="train", config_dir=Path(__file__).parent / "conf")
 

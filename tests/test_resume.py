@@ -99,7 +99,7 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     # TensorBoard: one event dir, a second event file, and the curves continue at the same steps.
     events = sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) == 2 and {e.parent for e in events} == {run_dir / "tensorboard"}
-    for tag in ("train/loss", "val/acc"):
+    for tag in ("train/loss", "val/acc", "val/acc_best"):
         got, want = scalars(run_dir / "tensorboard", tag), scalars(ref_dir / "tensorboard", tag)
         assert [s for s, _ in got] == [s for s, _ in want], tag
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), tag

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sized
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import Sampler
+if TYPE_CHECKING:  # torch is imported only where needed: entry points must report config errors fast
+    from torch.utils.data import Sampler
 
 log = logging.getLogger("densenet_se")
 

@@ -128,6 +128,7 @@ class DenseNetSEClassifier(L.LightningModule):
         self.val_confmat = MulticlassConfusionMatrix(num_classes)
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
+        self._restored_acc_best: float | None = None
         # Filled at each validation epoch end; the run-report callback reads them (rank 0 only writes files).
         self.last_val_confmat: list[list[int]] | None = None
         self.last_test_confmat: list[list[int]] | None = None
@@ -149,8 +150,18 @@ class DenseNetSEClassifier(L.LightningModule):
             torch.set_float32_matmul_precision("high")
 
     def on_train_start(self) -> None:
-        # The sanity check must not leave a best value behind.
+        # The sanity check must not leave a best value behind; a resumed run continues from its saved best.
         self.val_acc_best.reset()
+        if self._restored_acc_best is not None:
+            self.val_acc_best.update(torch.tensor(self._restored_acc_best, device=self.device))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A plain float beside the weights (not a buffer), so older checkpoints still load strictly.
+        best = self.val_acc_best.compute() if self.val_acc_best.update_called else None
+        checkpoint["val_acc_best"] = float(best) if best is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_acc_best = checkpoint.get("val_acc_best")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
