@@ -90,7 +90,6 @@ def test_expected_processes(trainer, processes):
 def test_two_process_cpu_ddp_run_evaluates_every_image_once_and_writes_reports_once(tmp_path):
     # Odd validation and test splits (7 and 5 images) with batches of 3: the processes get uneven shards.
     images = make_image_folder(tmp_path / "images", classes={"Monkeypox": 17, "Others": 12})
-    out = tmp_path / "run"
     tiny = [o for o in TINY if o.split("=", 1)[0] not in ("trainer", "data.batch_size")]
     args = [
         *tiny,
@@ -101,10 +100,14 @@ def test_two_process_cpu_ddp_run_evaluates_every_image_once_and_writes_reports_o
         "data.test_fraction=0.2",
         f"data.root={images}",
         f"paths.cache_dir={tmp_path}/cache",
-        f"hydra.run.dir={out}",
     ]
+    # The default, clock-named run directory: Lightning re-runs the command for the second process and passes
+    # it this process's directory (hydra.run.dir), so both share one.
     proc = run_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1
+    out = runs[0]
     n_val = len(split_files(out / "split.json", "val"))
     n_test = len(split_files(out / "split.json", "test"))
     assert (n_val, n_test) == (7, 5)
@@ -118,7 +121,6 @@ def test_two_process_cpu_ddp_run_evaluates_every_image_once_and_writes_reports_o
     assert metrics["best_val_acc"] * n_val == pytest.approx(round(metrics["best_val_acc"] * n_val), abs=1e-4)
 
     # One run directory and one set of reports: the second process logs to its own file and writes nothing else.
-    assert not (tmp_path / "outputs").exists()
     assert sorted(p.name for p in out.glob("*.log")) == ["train.log", "train.rank1.log"]
     assert (out / "train.log").read_text().count("epoch 1/1") == 1
     rank1 = (out / "train.rank1.log").read_text()
