@@ -18,7 +18,12 @@ RANK_KEYS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_R
 
 
 def _trainer(rank: int, world: int) -> SimpleNamespace:
-    return SimpleNamespace(global_rank=rank, world_size=world, is_global_zero=rank == 0)
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world,
+        is_global_zero=rank == 0,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
 
 
 def test_eval_sampler_gives_every_sample_to_exactly_one_process():
@@ -32,24 +37,28 @@ def test_eval_sampler_gives_every_sample_to_exactly_one_process():
     assert distributed.eval_sampler([0], _trainer(0, 2)) is None
 
 
-def test_datamodule_evaluation_loaders_are_unpadded_under_ddp(tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "device"])
+def test_datamodule_evaluation_loaders_are_unpadded_under_ddp(tmp_path, cache):
     root = make_image_folder(tmp_path / "images", classes={"Monkeypox": 9, "Others": 8})
     dm = ImageFolderDataModule(
-        root=str(root), image_size=32, batch_size=2, val_fraction=0.3, cache_dir=str(tmp_path / "c")
+        root=str(root),
+        image_size=32,
+        batch_size=2,
+        val_fraction=0.3,
+        cache_dir=str(tmp_path / "c"),
+        cache=cache,
     )
     dm.setup()
-    n_val = len(dm.split["val"])
+    expected = dm._images[dm._indices["val"]].flatten(1)
     seen = []
     for rank in (0, 1):
         dm.trainer = _trainer(rank, 2)
-        loader = dm.val_dataloader()
-        seen += [int(y) for _, labels in loader for y in labels]
-        train_sampler = (
-            dm.train_dataloader().sampler
-        )  # training keeps Lightning's (padded, shuffled) sharding
-        assert not isinstance(train_sampler, torch.utils.data.DistributedSampler)
-    assert len(seen) == n_val and n_val % 2 == 1
-    assert sorted(seen) == sorted(label for _, label in dm.split["val"])
+        seen += [images.flatten(1) for images, _ in dm.val_dataloader()]
+    seen = torch.cat(seen)
+    assert len(expected) % 2 == 1 and len(seen) == len(expected)
+    assert sorted(map(tuple, seen.tolist())) == sorted(
+        map(tuple, expected.tolist())
+    )  # each image exactly once
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported only where needed: entry points must report config errors fast
@@ -64,6 +64,12 @@ def eval_sampler(dataset: Sized, trainer: Any) -> Sampler | None:
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+
+
+def eval_shard(indices: Sequence[int], trainer: Any) -> list[int] | None:
+    """This process's share of `indices` for DDP evaluation, like eval_sampler (None: not needed)."""
+    sampler = eval_sampler(indices, trainer)
+    return None if sampler is None else [indices[i] for i in sampler]
 
 
 def expected_processes(trainer_cfg: Any) -> int:

@@ -25,7 +25,7 @@ from densenet_se.data.groups import (
 from densenet_se.data.images import MAX_IMAGE_PIXELS, normalize, scan_image_folder, standardize
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
 from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
-from densenet_se.distributed import eval_sampler
+from densenet_se.distributed import eval_sampler, eval_shard
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 
@@ -385,9 +385,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             _, images, labels = self._on_device
             world = self.trainer.world_size if self.trainer is not None else 1
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            return DeviceBatches(
-                images, labels, self._indices[name], self.batch_size, shuffle, drop_last, rank, world
-            )
+            indices = self._indices[name]
+            shard = None if shuffle else eval_shard(indices, self.trainer)
+            if shard is not None:  # DDP evaluation: this process's images only, none repeated
+                indices, rank, world = shard, 0, 1
+            return DeviceBatches(images, labels, indices, self.batch_size, shuffle, drop_last, rank, world)
         generator = None
         if shuffle:  # seeded from torch's global RNG, i.e. by Lightning's seed_everything
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
