@@ -110,12 +110,17 @@ def _resume_run_dir(resume: str | None, default: str) -> str:
     return hydra_run_dir(resume, default)
 
 
+def _resume_output_subdir(resume: Any) -> str | None:
+    """`.hydra` for a new run; none when resuming (the original is kept) or in a non-zero DDP rank."""
+    from densenet_se.distributed import is_rank_zero
+
+    return ".hydra" if resume in (None, "") and is_rank_zero() else None
+
+
 def register_resolvers() -> None:
     """`${resume_run_dir:...}` and `${resume_output_subdir:...}` for conf/hydra/default.yaml (resume=RUN_DIR)."""
     OmegaConf.register_new_resolver("resume_run_dir", _resume_run_dir, replace=True)
-    OmegaConf.register_new_resolver(
-        "resume_output_subdir", lambda resume: ".hydra" if resume in (None, "") else None, replace=True
-    )
+    OmegaConf.register_new_resolver("resume_output_subdir", _resume_output_subdir, replace=True)
 
 
 register_resolvers()

@@ -206,7 +206,8 @@ class DenseNetSEClassifier(L.LightningModule):
         collection.reset()
         confmat.reset()
         for name, value in values.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "acc")
+            # Already whole-set values on every process; sync_dist only tells Lightning so (no DDP warning).
+            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True)
         as_list = [[int(v) for v in row] for row in matrix.tolist()]
         if stage == "val":
             self.last_val_confmat = as_list
@@ -218,7 +219,7 @@ class DenseNetSEClassifier(L.LightningModule):
         values = self._eval_epoch_end("val")
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(values["acc"])
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

@@ -136,8 +136,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _is_global_zero(self) -> bool:
         if self.trainer is not None:
             return self.trainer.is_global_zero
-        # setup() called before a Trainer exists: Lightning reads the rank from the launcher's environment
-        return rank_zero_only.rank == 0
+        # setup() called before a Trainer exists: the launcher's environment says (node rank included, which
+        # Lightning's rank_zero_only misses on the other nodes of a hand-launched multi-node run).
+        from densenet_se.distributed import is_rank_zero
+
+        return rank_zero_only.rank == 0 and is_rank_zero()
 
     def _check_root(self) -> Path:
         if self.demo:
@@ -375,8 +378,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "there is no test split: set data.test_fraction (e.g. 0.1) to hold out a test set."
             )
         n = len(self._indices[name])
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        per_process = -(-n // world)  # DDP's training sampler gives each process ceil(n / world) images
         # A last training batch of one image breaks BatchNorm ("Expected more than 1 value per channel").
-        drop_last = shuffle and n % self.batch_size == 1 and n > 1
+        drop_last = shuffle and per_process % self.batch_size == 1 and per_process > 1
         if self.cache == "device":
             device = self._device()
             if self._on_device is None or self._on_device[0] != device:
