@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -91,6 +93,11 @@ def cpu_step_peak(step) -> int:
     return peak
 
 
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def worker(args: argparse.Namespace) -> None:
     """Time ``args.steps`` train steps of one variant after ``args.warmup`` untimed ones; print JSON."""
     import torch
@@ -119,6 +126,7 @@ def worker(args: argparse.Namespace) -> None:
         F.cross_entropy(logits.float(), y).backward()
         optimizer.step()
 
+    rss_before = current_rss()
     times = []
     first_step = None
     for step in range(args.warmup + args.steps):
@@ -140,11 +148,11 @@ def worker(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated(device) - baseline
     else:
         peak = cpu_step_peak(forward_backward_step)
-    print(
-        json.dumps(
-            {"times": times, "first": first_step, "peak_bytes": peak, "threads": torch.get_num_threads()}
-        )
-    )
+    # Cross-check on CPU: the process's peak resident size over all steps minus its size before them
+    # (coarse: allocator slack, freed-but-kept pages and oneDNN buffers are in it).
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before  # Linux: KiB
+    out = {"times": times, "first": first_step, "peak_bytes": peak, "rss_bytes": rss_growth}
+    print(json.dumps(out | {"threads": torch.get_num_threads()}))
 
 
 def run_worker(variant: str, args: argparse.Namespace, spec: dict) -> dict:
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     spec = layout(args.layout)
-    results: dict[str, dict] = {v: {"times": [], "peaks": [], "first": []} for v in args.variants}
+    results: dict[str, dict] = {v: {"times": [], "peaks": [], "first": [], "rss": []} for v in args.variants}
     threads = None
     for repeat in range(1, args.repeats + 1):
         for variant in args.variants:
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             results[variant]["times"] += out["times"]
             results[variant]["peaks"].append(out["peak_bytes"])
             results[variant]["first"].append(out["first"])
+            results[variant]["rss"].append(out["rss_bytes"])
             threads = out["threads"]
             print(  # progress on stderr, so a run cut short still leaves figures
                 f"run {repeat}/{args.repeats} {VARIANTS[variant]}: median {statistics.median(out['times']):.4f} "
@@ -208,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for variant, r in results.items():
         step = statistics.median(r["times"])
-        rows[variant] = (step, min(r["times"]), args.batch_size / step, statistics.median(r["peaks"]) / 2**20)
+        peak, rss = statistics.median(r["peaks"]) / 2**20, statistics.median(r["rss"]) / 2**20
+        rows[variant] = (step, min(r["times"]), args.batch_size / step, peak, rss)
     memory_kind = (
         "peak allocated in one step (cuda)"
         if args.device.startswith("cuda")
@@ -223,14 +233,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{f' ({threads} threads)' if args.device == 'cpu' else ''}, {args.precision}{extras}, Adam; median of "
         f"{args.steps} steps x {args.repeats} runs after {args.warmup} warmup steps each; memory: {memory_kind}"
     )
+    on_cpu = not args.device.startswith("cuda")
     # min s/step is shown because on a shared machine it is the step least disturbed by other processes.
     header = (
         f"{'variant':38} {'s/step':>8} {'min s':>8} {'images/s':>9} {'MiB':>9} {'speed ratio':>24} "
-        f"{'memory ratio':>12} {'time ratio':>10}"
+        f"{'memory ratio':>12} {'time ratio':>10}" + (f" {'RSS MiB':>9}" if on_cpu else "")
     )
     print(header)
     print("-" * len(header))
-    for variant, (step, fastest, ips, mib) in rows.items():
+    for variant, (step, fastest, ips, mib, rss) in rows.items():
         ref = REFERENCES.get(variant)
         if ref in rows:
             ratio = f"{ips / rows[ref][2]:.3f} vs {ref}"
@@ -240,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             ratio, mem_ratio, time_ratio = "", "", ""
         print(
             f"{VARIANTS[variant]:38} {step:8.4f} {fastest:8.4f} {ips:9.1f} {mib:9.1f} {ratio:>24} "
-            f"{mem_ratio:>12} {time_ratio:>10}"
+            f"{mem_ratio:>12} {time_ratio:>10}" + (f" {rss:9.1f}" if on_cpu else "")
         )
     if args.compile:
         first = {v: statistics.median(r["first"]) for v, r in results.items()}

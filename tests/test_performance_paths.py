@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -234,3 +235,33 @@ def test_model_throughput_prints_its_table():
     speed, _vs, ref, memory, time_ratio = me.split()[-5:]
     assert ref == "none" and float(speed) > 0 and float(time_ratio) > 0
     assert 0 < float(memory) < 1.0  # recomputing the bottlenecks keeps fewer tensors alive
+
+
+def test_gpu_notebook_runs_its_throughput_part_on_cpu(capsys):
+    gpu = _benchmark_module("gpu_notebook")
+    args = [
+        "--device",
+        "cpu",
+        "--skip-experiment",
+        "--images",
+        "16",
+        "--source-size",
+        "40",
+        "--image-size",
+        "32",
+    ]
+    args += ["--batch-size", "8", "--warmup-epochs", "1", "--epochs", "1", "--workers", "2"]
+    gpu.main([*args, "model=densenet_tiny_se", "model.growth_rate=4", "model.block_config=[1,1]"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("measure") and "verdict" in line for line in lines), lines
+    row = next(line for line in lines if line.startswith("train images/s, batch 8"))
+    match = re.search(r"\s([\d.]+)\s+>= 3000\s+(met|NOT met)$", row)
+    assert match and float(match.group(1)) > 0, row  # "NOT met" on a CPU, of course
+    assert "experiment=notebook (growth_rate=4, block_config=[1, 1]" in lines[0]
+
+
+def test_gpu_notebook_needs_a_gpu_unless_told_cpu(monkeypatch):
+    gpu = _benchmark_module("gpu_notebook")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device is visible.*--device cpu"):
+        gpu.main([])

@@ -1,0 +1,282 @@
+"""The GPU targets in one command: training images/s at the notebook's layout, host syncs per step, and the
+wall time of the whole 20-epoch notebook experiment (`python train.py experiment=notebook trainer=gpu`).
+
+1. Data: a synthetic demo set of --images JPEGs (half per class) at --source-size px, generated in parallel
+   into a temp dir (not timed).
+2. Throughput: the project's module (the notebook layout: DenseNet-121 + SE head) in a lightning Trainer
+   with the trainer=gpu preset (bf16-mixed, channels_last, cuDNN benchmark, uint8 cache on the GPU) at
+   --batch-size (256), no validation; images/s over the timed epochs after --warmup-epochs.
+3. Sync audit: two more epochs under ``torch.cuda.set_sync_debug_mode("warn")``; every synchronizing CUDA
+   call is counted by its Python call site (per-epoch ones such as the epoch-end metric compute included).
+4. Experiment: `python train.py experiment=notebook trainer=gpu data.root=<the set>` as a subprocess with a
+   cold image cache; its wall time from start to exit (start-up, decode, 20 epochs, reports, checkpoints).
+
+    python benchmarks/gpu_notebook.py                 # on a machine with a CUDA GPU
+    python benchmarks/gpu_notebook.py --compile       # the same with model.compile=true
+
+--device cpu runs the same code at whatever size you give (a smoke test; the targets are GPU ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_IMAGES_PER_S = 3000.0
+TARGET_EXPERIMENT_S = 60.0
+
+
+def make_data(root: Path, images: int, size: int, workers: int) -> Path:
+    """`images` demo JPEGs (half per class) at `size` px, made by `workers` processes with their own seeds."""
+    per_class = max(images // 2, 1)
+    parts = max(1, min(workers, per_class))
+    counts = [per_class // parts + (k < per_class % parts) for k in range(parts)]
+    from densenet_se.data.demo import make_demo_dataset
+
+    jobs = [(str(root.parent / f"part{k}"), n, size, k) for k, n in enumerate(counts)]
+    with ProcessPoolExecutor(parts) as pool:  # a library function, so the workers can unpickle it
+        for done in [pool.submit(make_demo_dataset, part, n, size, seed=k) for part, n, size, k in jobs]:
+            done.result()
+    for k, (part, *_) in enumerate(jobs):
+        for file in Path(part).glob("*/*.jpg"):
+            target = root / file.parent.name / f"p{k}_{file.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            file.rename(target)
+        shutil.rmtree(part)
+    return root
+
+
+def compose(overrides: list[str], work: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    import densenet_se.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(work)
+        cfg.paths.data_dir = str(work / "data")
+        cfg.paths.output_dir = str(work / "run")
+        cfg.paths.cache_dir = str(work / "cache")
+    return cfg
+
+
+def throughput(args: argparse.Namespace, data_root: Path, work: Path) -> dict:
+    """Training images/s of the project's module and Trainer, and the synchronizing calls in two epochs."""
+    import lightning as L
+    import torch
+
+    from densenet_se.train import build_datamodule, build_module, trainer_kwargs
+
+    device = torch.device(args.device)
+    timed_epochs = args.warmup_epochs + args.epochs
+    audit = device.type == "cuda"
+    cfg = compose(
+        [
+            "experiment=notebook",
+            f"trainer={'gpu' if audit else 'cpu'}",
+            f"data.root={data_root}",
+            f"data.image_size={args.image_size}",
+            f"data.batch_size={args.batch_size}",
+            f"model.compile={str(args.compile).lower()}",
+            f"trainer.max_epochs={timed_epochs + (2 if audit else 0)}",
+            "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false",
+            *args.override,
+        ],
+        work,
+    )
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = build_datamodule(cfg, None)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+
+    def sync() -> None:
+        if audit:
+            torch.cuda.synchronize(device)
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.images: list[int] = []
+            self.audit_steps = 0
+            self._start = 0.0
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.images.append(0)
+            if trainer.current_epoch >= timed_epochs:
+                if trainer.current_epoch == timed_epochs:
+                    torch.cuda.set_sync_debug_mode("warn")
+                return
+            sync()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.images[-1] += int(batch[1].shape[0])  # a shape, not a value: no device read
+            if trainer.current_epoch >= timed_epochs:
+                self.audit_steps += 1
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch < timed_epochs:
+                sync()
+                self.seconds.append(time.perf_counter() - self._start)
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if audit:
+                torch.cuda.set_sync_debug_mode(0)
+
+    timer = Timer()
+    kwargs = trainer_kwargs(cfg)
+    kwargs.update(logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(callbacks=[timer], **kwargs)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    syncs = Counter(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()
+    )
+    per_epoch = [n / s for n, s in zip(timer.images, timer.seconds, strict=False)][args.warmup_epochs :]
+    return {
+        "images_per_s": statistics.median(per_epoch),
+        "epoch_images": timer.images[0],
+        "epoch_seconds": timer.seconds[args.warmup_epochs :],
+        "first_epoch_s": timer.seconds[0],
+        "fit_seconds": fit_seconds,
+        "syncs": syncs,
+        "audit_steps": timer.audit_steps if audit else None,
+        "precision": cfg.trainer.precision,
+        "cache": cfg.data.cache,
+        "channels_last": cfg.model.channels_last,
+        "layout": ", ".join(f"{k}={cfg.model[k]}" for k in ("growth_rate", "block_config", "se_placement")),
+    }
+
+
+def experiment(args: argparse.Namespace, data_root: Path, work: Path) -> dict:
+    """Wall time of `python train.py experiment=notebook trainer=gpu` on the set, with a cold image cache."""
+    run_dir = work / "experiment"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=notebook",
+        f"trainer={'gpu' if args.device.startswith('cuda') else 'cpu'}",
+        f"data.root={data_root}",
+        f"data.image_size={args.image_size}",
+        f"trainer.max_epochs={args.experiment_epochs}",
+        f"model.compile={str(args.compile).lower()}",
+        f"paths.cache_dir={work / 'experiment_cache'}",
+        f"hydra.run.dir={run_dir}",
+        *args.override,
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"error: the experiment failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    epochs = metrics.get("epochs", [])
+    return {
+        "wall": wall,
+        "command": " ".join(cmd[1:]),
+        "epochs": len(epochs),
+        "epoch_seconds": [row["seconds"] for row in epochs],
+        "best_val_acc": metrics.get("best_val_acc"),
+        "total_seconds": metrics.get("total_seconds"),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for a smoke test")
+    parser.add_argument("--images", type=int, default=2142, help="demo images (the notebook's data: 2,142)")
+    parser.add_argument("--source-size", type=int, default=224, help="pixel size of the generated JPEGs")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256, help="for the throughput part")
+    parser.add_argument("--warmup-epochs", type=int, default=2, help="untimed epochs (cuDNN autotuning)")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs of the throughput part")
+    parser.add_argument("--experiment-epochs", type=int, default=20, help="the notebook: 20")
+    parser.add_argument("--compile", action="store_true", help="model.compile=true in both parts")
+    parser.add_argument("--skip-experiment", action="store_true")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes making the data")
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides for both parts")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.warmup_epochs < 0 or args.images < 4:
+        parser.error("--epochs must be >= 1, --warmup-epochs >= 0 and --images >= 4")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(
+            "error: no CUDA device is visible; run this on a GPU machine, or pass --device cpu for a smoke test."
+        )
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    with tempfile.TemporaryDirectory(prefix="gpu_notebook_") as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        data_root = make_data(work / "data" / "demo", args.images, args.source_size, args.workers)
+        data_seconds = time.perf_counter() - start
+        result = throughput(args, data_root, work)
+        exp = None if args.skip_experiment else experiment(args, data_root, work)
+
+    print(
+        f"device {name}; torch {torch.__version__}; {args.images} demo images at {args.source_size} px "
+        f"(made in {data_seconds:.1f} s, not counted) -> {args.image_size} px; experiment=notebook ({result['layout']}); "
+        f"precision {result['precision']}, data.cache={result['cache']}"
+        f"{', channels_last' if result['channels_last'] else ''}{', compile' if args.compile else ''}"
+    )
+    header = f"{'measure':58} {'value':>12} {'target':>12}  verdict"
+    print(header)
+    print("-" * len(header))
+
+    def row(label: str, value: str, target: str, met: bool) -> None:
+        print(f"{label:58} {value:>12} {target:>12}  {'met' if met else 'NOT met'}")
+
+    ips = result["images_per_s"]
+    label = f"train images/s, batch {args.batch_size} (median of {args.epochs} epochs)"
+    row(label, f"{ips:.1f}", ">= 3000", ips >= TARGET_IMAGES_PER_S)
+    if result["audit_steps"] is not None:
+        total, steps = sum(result["syncs"].values()), result["audit_steps"]
+        row(
+            f"synchronizing CUDA calls in 2 epochs ({steps} steps)", str(total), "< 1 per step", total < steps
+        )
+    if exp is not None:
+        label = f"notebook experiment, {exp['epochs']} epochs, wall s (cold cache)"
+        row(label, f"{exp['wall']:.1f}", "<= 60", exp["wall"] <= TARGET_EXPERIMENT_S)
+    print(
+        f"throughput epochs (s, {result['epoch_images']} images each): "
+        + " ".join(f"{s:.3f}" for s in result["epoch_seconds"])
+        + f"; first epoch {result['first_epoch_s']:.2f} s"
+    )
+    for site, count in result["syncs"].most_common(8):
+        print(f"sync site {site}: {count}")
+    if exp is not None:
+        print(f"experiment: {exp['command']}")
+        print(
+            f"experiment epochs (s): {' '.join(f'{s:.2f}' for s in exp['epoch_seconds'])}; sum of epochs "
+            f"{exp['total_seconds']} s; best val/acc {exp['best_val_acc']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
