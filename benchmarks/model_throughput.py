@@ -1,7 +1,8 @@
 """Train-step throughput and peak memory: DenseNetSE vs torchvision's DenseNet, memory_efficient on vs off.
 
-Every (variant, repeat) runs in a fresh subprocess so memory peaks do not leak between variants, and the
-variants take turns (round robin) so load from other processes on a shared machine hits all of them alike.
+With --interleave steps (default) each of --repeats subprocesses builds every variant and they take turns
+step by step, so load from other processes on a shared machine hits all of them alike; with --interleave runs
+every (variant, repeat) gets its own fresh subprocess, round robin (then the RSS cross-check is per variant).
 A train step is zero_grad + forward + cross-entropy + backward + Adam step on one fixed random batch.
 
 Peak memory is measured on one extra, untimed step after the timed ones, as the peak of tensor bytes
@@ -98,71 +99,99 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Time ``args.steps`` train steps of one variant after ``args.warmup`` untimed ones; print JSON."""
-    import torch
-    import torch.nn.functional as F
+class Trainee:
+    """One variant's model, optimizer and fixed batch, and its train step."""
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    spec = json.loads(args.spec)
-    model = build(args.worker, spec, args.num_classes).to(device).train()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    forward = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # the project's optimizer
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    x = x.contiguous(memory_format=memory_format)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    def __init__(self, variant: str, args: argparse.Namespace, spec: dict) -> None:
+        import torch
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        torch.manual_seed(0)
+        self.device = torch.device(args.device)
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model = build(variant, spec, args.num_classes).to(self.device).train().to(memory_format=memory_format)
+        self.forward = torch.compile(model) if args.compile else model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # the project's optimizer
+        size = (args.batch_size, 3, args.image_size, args.image_size)
+        self.x = torch.randn(size, device=self.device).contiguous(memory_format=memory_format)
+        self.y = torch.randint(0, args.num_classes, (args.batch_size,), device=self.device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+        self.times: list[float] = []
+        self.first: float | None = None
 
-    def forward_backward_step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = forward(x)
-        F.cross_entropy(logits.float(), y).backward()
-        optimizer.step()
+    def sync(self) -> None:
+        import torch
 
-    rss_before = current_rss()
-    times = []
-    first_step = None
-    for step in range(args.warmup + args.steps):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def forward_backward_step(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.forward(self.x)
+        F.cross_entropy(logits.float(), self.y).backward()
+        self.optimizer.step()
+
+    def timed_step(self, record: bool) -> None:
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward_step()
-        sync()
-        if step == 0:
-            first_step = time.perf_counter() - start
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    optimizer.zero_grad(set_to_none=True)  # outside the measured step, like the CUDA baseline below
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        forward_backward_step()
-        sync()
-        peak = torch.cuda.max_memory_allocated(device) - baseline
-    else:
-        peak = cpu_step_peak(forward_backward_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_backward_step()
+        self.sync()
+        seconds = time.perf_counter() - start
+        if self.first is None:
+            self.first = seconds
+        if record:
+            self.times.append(seconds)
+
+    def peak_bytes(self) -> int:
+        """Peak tensor bytes of one step above the level at its start (grads freed before it, as in a loop)."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync()
+        if self.device.type != "cuda":
+            return cpu_step_peak(self.forward_backward_step)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self.forward_backward_step()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device) - baseline
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Warm up, then time train steps of the given variants taking turns step by step; print JSON."""
+    import torch
+
+    spec = json.loads(args.spec)
+    trainees = {v: Trainee(v, args, spec) for v in args.worker.split(",")}
+    rss_before = current_rss()
+    for trainee in trainees.values():
+        for _ in range(args.warmup):
+            trainee.timed_step(record=False)
+    for _ in range(args.steps):
+        for trainee in trainees.values():
+            trainee.timed_step(record=True)
+    peaks = {v: t.peak_bytes() for v, t in trainees.items()}
     # Cross-check on CPU: the process's peak resident size over all steps minus its size before them
-    # (coarse: allocator slack, freed-but-kept pages and oneDNN buffers are in it).
+    # (coarse: allocator slack, freed-but-kept pages and oneDNN buffers are in it; meaningful with one
+    # variant per process, --interleave runs).
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before  # Linux: KiB
-    out = {"times": times, "first": first_step, "peak_bytes": peak, "rss_bytes": rss_growth}
-    print(json.dumps(out | {"threads": torch.get_num_threads()}))
+    out = {
+        v: {"times": t.times, "first": t.first, "peak_bytes": peaks[v], "rss_bytes": rss_growth}
+        for v, t in trainees.items()
+    }
+    print(json.dumps({"variants": out, "threads": torch.get_num_threads()}))
 
 
-def run_worker(variant: str, args: argparse.Namespace, spec: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--spec", json.dumps(spec)]
+def run_worker(variants: list[str], args: argparse.Namespace, spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", ",".join(variants), "--spec", json.dumps(spec)]
     for key in ("image_size", "batch_size", "steps", "warmup", "device", "num_classes", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        sys.exit(f"error: worker {variant} failed:\n{done.stderr}")
+        sys.exit(f"error: worker {','.join(variants)} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -173,7 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant, round robin")
+    parser.add_argument("--repeats", type=int, default=3, help="worker processes per variant")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--num-classes", type=int, default=2)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -182,7 +211,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model (first step compiles)"
     )
-    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleave",
+        choices=("steps", "runs"),
+        default="steps",
+        help="steps: all variants in each process, taking turns step by step (least noise); runs: one "
+        "process per variant and run, round robin (clean RSS figures)",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
@@ -199,20 +235,23 @@ def main(argv: list[str] | None = None) -> None:
     spec = layout(args.layout)
     results: dict[str, dict] = {v: {"times": [], "peaks": [], "first": [], "rss": []} for v in args.variants}
     threads = None
+    groups = [args.variants] if args.interleave == "steps" else [[v] for v in args.variants]
     for repeat in range(1, args.repeats + 1):
-        for variant in args.variants:
-            out = run_worker(variant, args, spec)
-            results[variant]["times"] += out["times"]
-            results[variant]["peaks"].append(out["peak_bytes"])
-            results[variant]["first"].append(out["first"])
-            results[variant]["rss"].append(out["rss_bytes"])
-            threads = out["threads"]
-            print(  # progress on stderr, so a run cut short still leaves figures
-                f"run {repeat}/{args.repeats} {VARIANTS[variant]}: median {statistics.median(out['times']):.4f} "
-                f"s/step, min {min(out['times']):.4f}, peak {out['peak_bytes'] / 2**20:.1f} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
+        for group in groups:
+            done = run_worker(group, args, spec)
+            threads = done["threads"]
+            for variant, out in done["variants"].items():
+                results[variant]["times"] += out["times"]
+                results[variant]["peaks"].append(out["peak_bytes"])
+                results[variant]["first"].append(out["first"])
+                results[variant]["rss"].append(out["rss_bytes"])
+                print(  # progress on stderr, so a run cut short still leaves figures
+                    f"run {repeat}/{args.repeats} {VARIANTS[variant]}: median "
+                    f"{statistics.median(out['times']):.4f} s/step, min {min(out['times']):.4f}, "
+                    f"peak {out['peak_bytes'] / 2**20:.1f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     rows = {}
     for variant, r in results.items():
@@ -231,9 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         f"layout {args.layout} ({', '.join(f'{k}={v}' for k, v in spec.items() if k != 'se_reduction')}), "
         f"{args.image_size}x{args.image_size} px, batch {args.batch_size}, device {args.device}"
         f"{f' ({threads} threads)' if args.device == 'cpu' else ''}, {args.precision}{extras}, Adam; median of "
-        f"{args.steps} steps x {args.repeats} runs after {args.warmup} warmup steps each; memory: {memory_kind}"
+        f"{args.steps} steps x {args.repeats} runs (interleaved by {args.interleave[:-1]}) after {args.warmup} warmup steps each; memory: {memory_kind}"
     )
-    on_cpu = not args.device.startswith("cuda")
+    on_cpu = not args.device.startswith("cuda") and args.interleave == "runs"
     # min s/step is shown because on a shared machine it is the step least disturbed by other processes.
     header = (
         f"{'variant':38} {'s/step':>8} {'min s':>8} {'images/s':>9} {'MiB':>9} {'speed ratio':>24} "
