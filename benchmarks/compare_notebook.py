@@ -1,4 +1,4 @@
-"""Epoch wall time: a plain-PyTorch loop faithful to the notebook vs this project's pipeline, on the same data.
+"""Epoch wall time: a plain-PyTorch loop faithful to the notebook vs the project's pipeline, same data.
 
 Both train the same network (DenseNetSE from the chosen conf/model layout, or torchvision's DenseNet at that
 layout with --baseline-model torchvision) on the same generated demo set and the same train/val split, with
@@ -17,7 +17,8 @@ An epoch is timed from one training-epoch start to the next (training, validatio
 first epoch of each is a warm-up and left out of the medians when there are 3 or more. One-time costs (the
 project's decode into the cache, the sanity check, the final reports) are shown separately.
 
-    python benchmarks/compare_notebook.py --image-size 64 --layout tiny --epochs 7 --batch-size 32 --device cpu
+    python benchmarks/compare_notebook.py --image-size 64 --layout tiny --epochs 7 --batch-size 32 \\
+        --device cpu
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def sync(device: torch.device) -> None:
 
 
 def compose(args: argparse.Namespace, data_root: Path, work: Path):
-    """The project's config for this comparison: conf/train.yaml with the layout, sizes and device asked for."""
+    """conf/train.yaml composed with the layout, sizes and device asked for (the project side's config)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import open_dict
@@ -71,7 +72,7 @@ def compose(args: argparse.Namespace, data_root: Path, work: Path):
 
 
 class NotebookLoop:
-    """The notebook's training loop: decode every epoch, plain PyTorch, host reads of every batch's figures."""
+    """The notebook's loop: decode every epoch, plain PyTorch, host reads of every batch's figures."""
 
     def __init__(self, args: argparse.Namespace, cfg, split: dict, work: Path) -> None:
         from torch.utils.data import DataLoader, Subset
@@ -339,10 +340,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{args.epochs} epochs each, interleaved epoch by epoch; medians over {counted}; project: "
-        f"--pipeline {args.pipeline}, data.cache={cache}, precision {cfg.trainer.precision}{extras}; baseline "
-        f"model: {args.baseline_model}; load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+        f"--pipeline {args.pipeline}, data.cache={cache}, precision {cfg.trainer.precision}{extras}; "
+        f"baseline model: {args.baseline_model}; load average {load_before[0]:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after"
     )
-    header = f"{'loop':48} {'median s/epoch':>14} {'min s/epoch':>11} {'images/s':>9} {'one-time s':>10} {'total s':>8}"
+    header = (
+        f"{'loop':48} {'median s/epoch':>14} {'min s/epoch':>11} {'images/s':>9} {'one-time s':>10} "
+        f"{'total s':>8}"
+    )
     print(header)
     print("-" * len(header))
     medians = {}

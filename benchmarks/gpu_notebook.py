@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(
-            "error: no CUDA device is visible; run this on a GPU machine, or pass --device cpu for a smoke test."
+            "error: no CUDA device is visible; run this on a GPU machine, or pass --device cpu for a "
+            "smoke test."
         )
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     with tempfile.TemporaryDirectory(prefix="gpu_notebook_") as tmp:
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"device {name}; torch {torch.__version__}; {args.images} demo images at {args.source_size} px "
-        f"(made in {data_seconds:.1f} s, not counted) -> {args.image_size} px; experiment=notebook ({result['layout']}); "
+        f"(made in {data_seconds:.1f} s, not counted) -> {args.image_size} px; "
+        f"experiment=notebook ({result['layout']}); "
         f"precision {result['precision']}, data.cache={result['cache']}"
         f"{', channels_last' if result['channels_last'] else ''}{', compile' if args.compile else ''}"
     )

@@ -16,7 +16,8 @@ Layouts: ``tiny`` and ``121`` are conf/model/densenet_tiny_se.yaml and densenet1
 is DenseNet-121's depth at 3/8 of its width (same per-layer structure and Python overhead, CPU-sized).
 
     python benchmarks/model_throughput.py --layout tiny --image-size 64 --batch-size 32 --device cpu
-    python benchmarks/model_throughput.py --layout 121 --image-size 224 --batch-size 32 --variants none none_me
+    python benchmarks/model_throughput.py --layout 121 --image-size 224 --batch-size 32 \\
+        --variants none none_me
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Trainee:
             self.times.append(seconds)
 
     def peak_bytes(self) -> int:
-        """Peak tensor bytes of one step above the level at its start (grads freed before it, as in a loop)."""
+        """Peak tensor bytes of one step above its starting level (grads freed first, as in a loop)."""
         import torch
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -269,8 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"layout {args.layout} ({', '.join(f'{k}={v}' for k, v in spec.items() if k != 'se_reduction')}), "
         f"{args.image_size}x{args.image_size} px, batch {args.batch_size}, device {args.device}"
-        f"{f' ({threads} threads)' if args.device == 'cpu' else ''}, {args.precision}{extras}, Adam; median of "
-        f"{args.steps} steps x {args.repeats} runs (interleaved by {args.interleave[:-1]}) after {args.warmup} warmup steps each; memory: {memory_kind}"
+        f"{f' ({threads} threads)' if args.device == 'cpu' else ''}, {args.precision}{extras}, Adam; "
+        f"median of {args.steps} steps x {args.repeats} runs (interleaved by {args.interleave[:-1]}) after "
+        f"{args.warmup} warmup steps each; memory: {memory_kind}"
     )
     on_cpu = not args.device.startswith("cuda") and args.interleave == "runs"
     # min s/step is shown because on a shared machine it is the step least disturbed by other processes.

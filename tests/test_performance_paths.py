@@ -1,7 +1,7 @@
-"""The fast paths, checked for correctness on CPU (never timed): the GPU preset, device cache + channels_last +
-compile, no host reads per training step, and the benchmark scripts end to end.
+"""The fast paths, checked for correctness on CPU (never timed): the GPU preset, device cache +
+channels_last + compile, no host reads per training step, and the benchmark scripts end to end.
 
-Whether the cached path decodes per epoch is covered by test_data_module.py::test_no_decoding_in_a_cached_epoch.
+That the cached path decodes nothing per epoch is test_data_module.py::test_no_decoding_in_a_cached_epoch.
 """
 
 from __future__ import annotations
@@ -159,12 +159,11 @@ def test_training_steps_add_no_host_reads(tmp_path, image_folder, host_reads):
         trainer = _trainer(
             tmp_path / str(steps),
             limit_train_batches=steps,
-            limit_val_batches=1,
             log_every_n_steps=1,
             logger=CSVLogger(str(tmp_path / str(steps))),
             enable_checkpointing=True,
             callbacks=[
-                ModelCheckpoint(dirpath=str(tmp_path / str(steps)), monitor="val/acc", mode="max"),
+                ModelCheckpoint(dirpath=str(tmp_path / str(steps) / "ckpt"), monitor="val/acc", mode="max"),
                 LearningRateMonitor(logging_interval="epoch"),
             ],
         )
@@ -213,7 +212,8 @@ def _benchmark_module(name: str):
 def test_compare_notebook_prints_its_table(capsys):
     # In-process (its own entry point, argv and all): a subprocess would spend most of the time importing.
     compare = _benchmark_module("compare_notebook")
-    compare.main(["--epochs", "1", "--images-per-class", "8", "--image-size", "32", "--batch-size", "8"])
+    args = ["--epochs", "1", "--images-per-class", "8", "--image-size", "32", "--batch-size", "8"]
+    compare.main([*args, "trainer.log_every_n_steps=1"])
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("loop") and "median s/epoch" in line)
     rows = lines[header + 2 : header + 5]
