@@ -269,3 +269,22 @@ def test_experiment_configs_compose(tmp_path):
     assert notebook.data.val_fraction == 0.2 and notebook.data.root == "data/monkeypox"
     demo = compose_cfg(tmp_path, ["experiment=demo"])
     assert demo.data.demo is True and demo.data.image_size == 64
+
+
+def test_gpu_trainer_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys, image_folder):
+    from densenet_se.cli import hydra_entry
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", "trainer=gpu", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}/run"]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_entry(run, config_name="train", config_dir=CONF)()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: trainer.accelerator=gpu needs a CUDA GPU and none is visible; "
+        "use trainer=cpu (or trainer.accelerator=auto)."
+    ]
+    assert not (tmp_path / "run" / "split.json").exists()  # stopped before any data work

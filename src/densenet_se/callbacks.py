@@ -193,12 +193,13 @@ class RunReport(L.Callback):
         if images.dtype != torch.uint8:  # a data module that yields float tensors in [0, 1]
             images = (images.clamp(0, 1) * 255).to(torch.uint8)
         array = images.cpu().numpy()
-        fig = plots.sample_grid_figure(array, labels.tolist(), self.class_names)
+        # Drawn once: the same PNG goes to samples.png and to TensorBoard.
+        png = plots.save_figure(
+            plots.sample_grid_figure(array, labels.tolist(), self.class_names), self.run_dir / "samples.png"
+        )
         tb = tensorboard_logger(trainer)
         if tb is not None:
-            fig_copy = plots.sample_grid_figure(array, labels.tolist(), self.class_names)
-            tb.experiment.add_image("samples", plots.figure_to_array(fig_copy), 0)
-        plots.save_figure(fig, self.run_dir / "samples.png")
+            tb.experiment.add_image("samples", plots.png_to_array(png), 0)
 
     def _write_hparams(self, trainer: L.Trainer) -> None:
         tb = tensorboard_logger(trainer)

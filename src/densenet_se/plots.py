@@ -17,12 +17,27 @@ from matplotlib.figure import Figure  # noqa: E402
 from densenet_se.io import atomic_write_bytes  # noqa: E402
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
-    """Write a figure as PNG atomically and close it."""
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """A figure rendered as PNG bytes; closes it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> bytes:
+    """Write a figure as PNG atomically, close it, and return the PNG bytes."""
+    png = figure_png(fig, dpi)
+    atomic_write_bytes(path, png)
+    return png
+
+
+def png_to_array(png: bytes) -> np.ndarray:
+    """RGB uint8 [3, H, W] of PNG bytes (for TensorBoard images)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.ascontiguousarray(np.asarray(im.convert("RGB")).transpose(2, 0, 1))
 
 
 def curves_figure(epochs: Sequence[dict]) -> Figure:

@@ -114,6 +114,22 @@ def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def check_accelerator(kwargs: dict[str, Any]) -> None:
+    """A GPU setting on a machine without one is one clear sentence; on a GPU, allow TF32 matmuls."""
+    import torch
+
+    accelerator = str(kwargs.get("accelerator", "auto"))
+    has_cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not has_cuda:
+        raise UserError(
+            f"trainer.accelerator={accelerator} needs a CUDA GPU and none is visible; "
+            "use trainer=cpu (or trainer.accelerator=auto)."
+        )
+    if has_cuda and accelerator in ("gpu", "cuda", "auto"):
+        # Before the Trainer exists, so Lightning does not suggest it; bf16 autocast leaves some matmuls in fp32.
+        torch.set_float32_matmul_precision("high")
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Trainer:
     callbacks = [report, *_instantiate_all(cfg.callbacks, "callbacks"), NonFiniteLossGuard()]
     loggers = _instantiate_all(cfg.logger, "logger")
@@ -144,6 +160,7 @@ def run(cfg: DictConfig) -> float | None:
     if session is not None:  # the run's own config (train.py) and its checkpoint, checked before any work
         cfg = session.cfg
     validate(cfg)
+    check_accelerator(trainer_kwargs(cfg))  # before any data work
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.print_config:
