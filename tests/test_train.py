@@ -288,3 +288,17 @@ def test_gpu_trainer_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys, im
         "use trainer=cpu (or trainer.accelerator=auto)."
     ]
     assert not (tmp_path / "run" / "split.json").exists()  # stopped before any data work
+
+
+def test_full_error_asked_for_by_the_person_gives_the_traceback(tmp_path, monkeypatch):
+    from densenet_se.cli import hydra_entry
+    from densenet_se.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["train.py", "data.val_fraction=1.5", f"hydra.run.dir={tmp_path}/run"])
+    with pytest.raises(UserError, match="data.val_fraction=1.5 is out of range"):
+        hydra_entry(run, config_name="train", config_dir=CONF)()
+    import os
+
+    assert os.environ["HYDRA_FULL_ERROR"] == "1" and "DENSENET_SE_SET_HYDRA_FULL_ERROR" not in os.environ

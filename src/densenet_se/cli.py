@@ -21,6 +21,7 @@ from densenet_se import sweep  # registers the resolvers conf/hydra/ uses
 from densenet_se.errors import UserError
 
 EXIT_USER_ERROR = 2
+_OURS = "DENSENET_SE_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR=1 as set by us, not by the person
 
 
 def hydra_entry(
@@ -28,7 +29,9 @@ def hydra_entry(
 ) -> Callable[[], Any]:
     """Wrap `task` as a Hydra app reading `config_dir/config_name.yaml`, with one-line errors."""
 
-    wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    def wants_trace() -> bool:
+        # The person asked for tracebacks (not merely our own setting, inherited by e.g. DDP child processes).
+        return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OURS) != "1"
 
     @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
@@ -38,14 +41,27 @@ def hydra_entry(
         try:
             return task(cfg)
         except Exception as ex:  # noqa: BLE001
-            if wants_trace:
+            if wants_trace():
                 raise
             # Exit here, inside the job: re-raised, Hydra would print its own "Error executing job" line too.
             _report_and_exit(ex, schema)
 
     def main() -> Any:
-        # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        trace = wants_trace()
+        saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", _OURS)}
+        if not trace:
+            # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
+            os.environ["HYDRA_FULL_ERROR"] = os.environ[_OURS] = "1"
+        try:
+            return _run(trace)
+        finally:  # in-process callers (tests, notebooks) get their environment back
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def _run(wants_trace: bool) -> Any:
         try:
             result = _main()
         except KeyboardInterrupt:
