@@ -44,11 +44,7 @@ def sync(device: torch.device) -> None:
 
 def compose(args: argparse.Namespace, data_root: Path, work: Path):
     """conf/train.yaml composed with the layout, sizes and device asked for (the project side's config)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
-    import densenet_se.config  # noqa: F401  (registers the schema)
+    from densenet_se.config import compose_train_config
 
     overrides = [
         f"model={LAYOUTS[args.layout]}",
@@ -61,14 +57,7 @@ def compose(args: argparse.Namespace, data_root: Path, work: Path):
         "optim.lr=1e-4",  # the notebook's
         *args.override,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(work)
-        cfg.paths.data_dir = str(work / "data")
-        cfg.paths.output_dir = str(work / "run")
-        cfg.paths.cache_dir = str(work / "cache")
-    return cfg
+    return compose_train_config(overrides, work, ROOT / "conf")
 
 
 class NotebookLoop:

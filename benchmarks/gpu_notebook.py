@@ -59,20 +59,9 @@ def make_data(root: Path, images: int, size: int, workers: int) -> Path:
 
 
 def compose(overrides: list[str], work: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
+    from densenet_se.config import compose_train_config
 
-    import densenet_se.config  # noqa: F401  (registers the schema)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(work)
-        cfg.paths.data_dir = str(work / "data")
-        cfg.paths.output_dir = str(work / "run")
-        cfg.paths.cache_dir = str(work / "cache")
-    return cfg
+    return compose_train_config(overrides, work, ROOT / "conf")
 
 
 def throughput(args: argparse.Namespace, data_root: Path, work: Path) -> dict:

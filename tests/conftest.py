@@ -77,3 +77,12 @@ def split_files(split_json: Path, name: str) -> list:
     import json
 
     return json.loads(Path(split_json).read_text())[name]
+
+
+def class_files(counts: list[int]) -> tuple[list[str], list[int]]:
+    """Relative paths and labels of `counts[c]` files per class c (for split tests that need no images)."""
+    files, labels = [], []
+    for label, n in enumerate(counts):
+        files += [f"c{label}/img_{i:04d}.jpg" for i in range(n)]
+        labels += [label] * n
+    return files, labels

@@ -7,20 +7,13 @@ import random
 import pytest
 import torch
 
+from conftest import class_files
 from densenet_se.data.split import make_split, split_class_counts, split_counts
 from densenet_se.errors import UserError
 
 
-def _files(counts: list[int]) -> tuple[list[str], list[int]]:
-    files, labels = [], []
-    for label, n in enumerate(counts):
-        files += [f"c{label}/img_{i:04d}.jpg" for i in range(n)]
-        labels += [label] * n
-    return files, labels
-
-
 def test_stratified_counts_and_disjoint_cover():
-    files, labels = _files([100, 37, 9])
+    files, labels = class_files([100, 37, 9])
     split = make_split(files, labels, 0.2, 0.1, seed=428)
     assert split_class_counts(split, 3) == {"train": [70, 26, 6], "val": [20, 7, 2], "test": [10, 4, 1]}
     paths = [p for name in ("train", "val", "test") for p, _ in split[name]]
@@ -31,14 +24,14 @@ def test_stratified_counts_and_disjoint_cover():
 
 
 def test_default_is_80_20_without_test():
-    files, labels = _files([1045, 1055])
+    files, labels = class_files([1045, 1055])
     split = make_split(files, labels, 0.2, 0.0, seed=428)
     assert split_class_counts(split, 2) == {"train": [836, 844], "val": [209, 211], "test": [0, 0]}
     assert split["test"] == []
 
 
 def test_split_is_deterministic_and_independent_of_the_training_seed():
-    files, labels = _files([30, 30])
+    files, labels = class_files([30, 30])
     torch.manual_seed(1)
     random.seed(1)
     first = make_split(files, labels, 0.2, 0.0, seed=7)
@@ -49,9 +42,9 @@ def test_split_is_deterministic_and_independent_of_the_training_seed():
 
 
 def test_new_files_in_one_class_leave_the_other_class_alone():
-    files, labels = _files([30, 30])
+    files, labels = class_files([30, 30])
     before = make_split(files, labels, 0.2, 0.0, seed=3)
-    more_files, more_labels = _files([30, 40])
+    more_files, more_labels = class_files([30, 40])
     after = make_split(more_files, more_labels, 0.2, 0.0, seed=3)
     assert [p for p, c in after["val"] if c == 0] == [p for p, c in before["val"] if c == 0]
 
@@ -74,15 +67,15 @@ def test_small_classes_get_one_file_per_requested_split():
     ],
 )
 def test_invalid_fractions_name_the_key(val, test, key):
-    files, labels = _files([10, 10])
+    files, labels = class_files([10, 10])
     with pytest.raises(UserError, match=key):
         make_split(files, labels, val, test, seed=0)
 
 
 def test_empty_split_is_a_user_error():
-    files, labels = _files([1, 1])
+    files, labels = class_files([1, 1])
     with pytest.raises(UserError, match="val split would be empty"):
         make_split(files, labels, 0.2, 0.0, seed=0)
-    files, labels = _files([2, 2])
+    files, labels = class_files([2, 2])
     with pytest.raises(UserError, match="test split would be empty.*data.test_fraction"):
         make_split(files, labels, 0.2, 0.2, seed=0)

@@ -12,23 +12,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, make_image_folder, subprocess_env
+from conftest import ROOT, TINY, class_files, make_image_folder, subprocess_env
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.split import make_split, split_class_counts
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, fold_of, folds_markdown, mean_std
 
 
-def _files(counts: list[int]) -> tuple[list[str], list[int]]:
-    files, labels = [], []
-    for label, n in enumerate(counts):
-        files += [f"c{label}/img_{i:04d}.jpg" for i in range(n)]
-        labels += [label] * n
-    return files, labels
-
-
 def test_fold_validation_sets_are_disjoint_cover_the_pool_and_are_stratified():
-    files, labels = _files([53, 27, 11])
+    files, labels = class_files([53, 27, 11])
     splits = [make_split(files, labels, 0.2, 0.1, seed=428, folds=5, fold=k) for k in range(5)]
     vals = [{p for p, _ in s["val"]} for s in splits]
     pool = set(files) - {p for p, _ in splits[0]["test"]}
@@ -45,7 +37,7 @@ def test_fold_validation_sets_are_disjoint_cover_the_pool_and_are_stratified():
 
 
 def test_test_split_is_fixed_across_folds_and_equals_the_one_without_folds():
-    files, labels = _files([40, 30])
+    files, labels = class_files([40, 30])
     plain = make_split(files, labels, 0.2, 0.15, seed=9)
     for k in range(4):
         split = make_split(files, labels, 0.2, 0.15, seed=9, folds=4, fold=k)
@@ -57,7 +49,7 @@ def test_test_split_is_fixed_across_folds_and_equals_the_one_without_folds():
 
 
 def test_folds_are_a_pure_function_of_files_folds_and_seed():
-    files, labels = _files([25, 25])
+    files, labels = class_files([25, 25])
     first = make_split(files, labels, 0.2, 0.0, seed=1, folds=5, fold=2)
     assert (
         make_split(list(reversed(files)), list(reversed(labels)), 0.2, 0.0, seed=1, folds=5, fold=2) == first
@@ -77,13 +69,13 @@ def test_folds_are_a_pure_function_of_files_folds_and_seed():
     ],
 )
 def test_bad_fold_settings_name_the_key(folds, fold, message):
-    files, labels = _files([20, 20])
+    files, labels = class_files([20, 20])
     with pytest.raises(UserError, match=re.escape(message)):
         make_split(files, labels, 0.2, 0.0, seed=0, folds=folds, fold=fold)
 
 
 def test_class_smaller_than_the_number_of_folds_is_an_error():
-    files, labels = _files([30, 6])
+    files, labels = class_files([30, 6])
     with pytest.raises(
         UserError,
         match="data.folds=5 needs at least 5 images of each class outside the test split, but Others has 4",

@@ -9,22 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, TINY, split_files, subprocess_env
+from densenet_se.config import compose_train_config
 from densenet_se.train import run
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.data_dir = str(tmp_path / "data")
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.cache_dir = str(tmp_path / "cache")
-    return cfg
+    return compose_train_config(overrides, tmp_path, CONF)
 
 
 def run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:

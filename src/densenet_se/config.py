@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -269,3 +270,26 @@ def plain(node: Any) -> Any:
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def compose_train_config(
+    overrides: list[str], work_dir: str | Path, config_dir: str | Path | None = None
+) -> DictConfig:
+    """conf/train.yaml composed outside a Hydra app (tests, benchmarks, notebooks), with paths under `work_dir`.
+
+    Hydra's `${hydra:...}` paths only resolve inside `python train.py`; here they point into `work_dir`
+    (`run/` for the run directory, `data/`, `cache/`).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    work = Path(work_dir)
+    conf = Path(config_dir) if config_dir else Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(work)
+        cfg.paths.data_dir = str(work / "data")
+        cfg.paths.output_dir = str(work / "run")
+        cfg.paths.cache_dir = str(work / "cache")
+    return cfg
