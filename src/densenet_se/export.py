@@ -21,22 +21,13 @@ from torch import nn
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from densenet_se.models.densenet import LAYOUT_KEYS
 from densenet_se.module import unwrap
 
 log = logging.getLogger("densenet_se")
 
 FORMATS = {"onnx": ".onnx", "state_dict": ".pt"}
 EXPORTERS = ("dynamo", "legacy")
-# The DenseNetSE constructor arguments that fix the layout of a state dict.
-LAYOUT_KEYS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression_rate",
-    "se_reduction",
-    "se_placement",
-)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from densenet_se.checkpoint import load_checkpoint
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.models.densenet import LAYOUT_KEYS
 
 log = logging.getLogger("densenet_se")
 
@@ -48,15 +49,6 @@ RESUMABLE_KEYS = (
     "test_after_fit",
 )
 SESSION_PREFIX = "resume-"
-# Hyperparameters that must match between the checkpoint and the config, or the weights do not fit.
-_SHAPE_KEYS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression_rate",
-    "se_reduction",
-)
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -191,7 +183,7 @@ def prepare_resume(cfg: DictConfig) -> ResumeSession:
     # Read (weights only) before the data is scanned: an unsafe or damaged file stops the run here.
     state = load_checkpoint(ckpt)
     hparams = state.get("hyper_parameters") or {}
-    for key in _SHAPE_KEYS:
+    for key in LAYOUT_KEYS:  # the weights only fit a model of the same layout
         if key in hparams and key in cfg.model and _plain(cfg.model[key]) != hparams[key]:
             raise UserError(
                 f"model.{key}={_plain(cfg.model[key])} does not match the checkpoint {ckpt} "

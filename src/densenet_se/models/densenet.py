@@ -31,6 +31,17 @@ DENSENET121_LAYOUT = {
     "compression_rate": 0.5,
 }
 
+# The DenseNetSE arguments that fix the keys and shapes of its state dict (export sidecars, resume checks).
+LAYOUT_KEYS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression_rate",
+    "se_reduction",
+    "se_placement",
+)
+
 
 class _DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, producing ``growth_rate`` new channels."""
