@@ -3,7 +3,15 @@
 from pathlib import Path
 
 from densenet_se.cli import hydra_entry
-from densenet_se.predict import PredictConfig, run
+from densenet_se.config import PredictConfig
+
+
+def run(cfg):
+    # Imported here, not at the top: a config error is then reported before torch and Lightning load.
+    from densenet_se.predict import run as task
+
+    return task(cfg)
+
 
 main = hydra_entry(
     run, config_name="predict", config_dir=Path(__file__).parent / "conf", schema=PredictConfig

@@ -96,16 +96,73 @@ class TrainConfig:
     experiment_name: str | None = None
 
 
+# The other entry points' schemas live here too, so every entry point can report a config error before torch loads.
+
+
+@dataclass
+class EvalDataConfig:
+    # null: the training run's value (its .hydra/config.yaml; the image size from the checkpoint).
+    root: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    max_image_pixels: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    ckpt_path: str | None = None
+    split: str = "val"
+    split_file: str | None = None
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    on_missing: str = "error"
+    positive_class: str | None = None
+    device: str = "auto"
+    output_dir: str = "${hydra:runtime.output_dir}"
+    task_name: str = "eval"
+
+
+@dataclass
+class PredictConfig:
+    ckpt_path: str | None = None
+    input: str | None = None
+    # The run directory of this command (outputs/predict/<date>/<time>) unless given.
+    output: str = "${hydra:runtime.output_dir}/predictions.csv"
+    batch_size: int = 32
+    device: str = "auto"
+    gradcam: bool = False
+    gradcam_dir: str | None = None
+    max_image_pixels: int = 89_478_485
+    task_name: str = "predict"
+
+
+@dataclass
+class ExportConfig:
+    ckpt_path: str | None = None
+    format: str = "onnx"
+    # null: model.onnx / model.pt in this command's run directory (outputs/export/<date>/<time>).
+    output: str | None = None
+    exporter: str = "dynamo"
+    opset: int | None = None
+    check: bool = True
+    output_dir: str = "${hydra:runtime.output_dir}"
+    task_name: str = "export"
+
+
 def register_configs() -> None:
     """Register the schemas; `conf/train.yaml` extends `train_schema`."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 register_configs()
 
 
 def _resume_run_dir(resume: str | None, default: str) -> str:
+    if resume in (None, ""):  # a new run: no need to load the resume machinery (torch, Lightning)
+        return default
     from densenet_se.resume import hydra_run_dir  # imported late: it needs torch and Lightning
 
     return hydra_run_dir(resume, default)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -25,6 +24,7 @@ from torchmetrics.classification import (
 )
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
+from densenet_se.config import EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered in config)
 from densenet_se.data.images import MAX_IMAGE_PIXELS
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
@@ -34,31 +34,6 @@ log = logging.getLogger("densenet_se")
 
 SPLIT_CHOICES = ("val", "test", "all")
 ON_MISSING = ("error", "skip")
-
-
-@dataclass
-class EvalDataConfig:
-    # null: the training run's value (its .hydra/config.yaml; the image size from the checkpoint).
-    root: str | None = None
-    image_size: int | None = None
-    batch_size: int | None = None
-    max_image_pixels: int | None = None
-
-
-@dataclass
-class EvalConfig:
-    ckpt_path: str | None = None
-    split: str = "val"
-    split_file: str | None = None
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    on_missing: str = "error"
-    positive_class: str | None = None
-    device: str = "auto"
-    output_dir: str = "${hydra:runtime.output_dir}"
-    task_name: str = "eval"
-
-
-ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

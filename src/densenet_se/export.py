@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from torch import nn
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint
+from densenet_se.config import ExportConfig  # noqa: F401  (schemas, registered in config)
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from densenet_se.models.densenet import LAYOUT_KEYS
@@ -28,22 +27,6 @@ log = logging.getLogger("densenet_se")
 
 FORMATS = {"onnx": ".onnx", "state_dict": ".pt"}
 EXPORTERS = ("dynamo", "legacy")
-
-
-@dataclass
-class ExportConfig:
-    ckpt_path: str | None = None
-    format: str = "onnx"
-    # null: model.onnx / model.pt in this command's run directory (outputs/export/<date>/<time>).
-    output: str | None = None
-    exporter: str = "dynamo"
-    opset: int | None = None
-    check: bool = True
-    output_dir: str = "${hydra:runtime.output_dir}"
-    task_name: str = "export"
-
-
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 class ExportedModel(nn.Module):

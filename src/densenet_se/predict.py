@@ -12,20 +12,18 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device
+from densenet_se.config import PredictConfig  # noqa: F401  (schemas, registered in config)
 from densenet_se.data.images import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    MAX_IMAGE_PIXELS,
     BadImageError,
     decode_image,
     normalize,
@@ -34,23 +32,6 @@ from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 
 log = logging.getLogger("densenet_se")
-
-
-@dataclass
-class PredictConfig:
-    ckpt_path: str | None = None
-    input: str | None = None
-    # The run directory of this command (outputs/predict/<date>/<time>) unless given.
-    output: str = "${hydra:runtime.output_dir}/predictions.csv"
-    batch_size: int = 32
-    device: str = "auto"
-    gradcam: bool = False
-    gradcam_dir: str | None = None
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    task_name: str = "predict"
-
-
-ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 
 
 def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
