@@ -7,14 +7,12 @@ folds that completed.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from densenet_se.io import atomic_write_text
+from densenet_se.io import atomic_write_text, csv_text
 
 FOLDS_CSV = "sweep_folds.csv"
 FOLD_KEY = "data.fold"
@@ -88,12 +86,7 @@ def folds_csv(summaries: Sequence[dict[str, Any]]) -> str:
     """sweep_folds.csv: one row per setting, a mean, std and n column per metric."""
     columns = ["overrides", "folds", "completed", "jobs"]
     columns += [f"{key}_{part}" for key, _ in FOLD_METRICS for part in ("mean", "std", "n")]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in summaries:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    return out.getvalue()
+    return csv_text(summaries, columns)
 
 
 def _plus_minus(mean: float | None, std: float | None) -> str:

@@ -8,9 +8,7 @@ unpickles the SweepSummary callback).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -28,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from densenet_se import distributed
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
-from densenet_se.io import atomic_write_text
+from densenet_se.io import atomic_write_text, csv_text
 
 log = logging.getLogger("densenet_se")
 
@@ -334,12 +332,7 @@ def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]], extra: Sequenc
 
 
 def summary_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
-    return out.getvalue()
+    return csv_text(rows, CSV_COLUMNS)
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
