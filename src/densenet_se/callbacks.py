@@ -123,7 +123,7 @@ class RunReport(L.Callback):
             )
         row["seconds"] = round(seconds, 3)
         self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
-        self.total_seconds += seconds
+        self.total_seconds += row["seconds"]  # the rounded epoch times, so the total is their sum
         if trainer.is_global_zero:
             self.write_metrics(trainer)
             log.info(
