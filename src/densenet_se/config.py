@@ -132,6 +132,7 @@ class PredictConfig:
     gradcam: bool = False
     gradcam_dir: str | None = None
     max_image_pixels: int = 89_478_485
+    allow_output_in_input: bool = False
     task_name: str = "predict"
 
 

@@ -15,8 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from densenet_se.callbacks import RunReport
 from densenet_se.config import closest_key, plain, validate
 from densenet_se.data import ImageFolderDataModule
+from densenet_se.data.cache import default_cache_dir
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
+from densenet_se.paths import check_outside
 from densenet_se.resume import SeedEachEpoch, prepare_resume
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.sweep import check_multirun_launch
@@ -162,6 +164,10 @@ def run(cfg: DictConfig) -> float | None:
     validate(cfg)
     check_accelerator(trainer_kwargs(cfg))  # before any data work
     run_dir = Path(cfg.paths.output_dir)
+    # Files written inside the image folder would be scanned as images (curves.png as a class) next time.
+    data_root = {"data.root": Path(cfg.data.root)}
+    check_outside("hydra.run.dir", run_dir, data_root)
+    check_outside("data.cache_dir", cfg.data.cache_dir or default_cache_dir(), data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.print_config:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
