@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import pickle
 import struct
 import zipfile
@@ -27,6 +28,25 @@ def tiny_checkpoint(path: Path, **overrides: Any) -> DenseNetSEClassifier:
     hparams = {**dict(module.hparams), **overrides}
     torch.save({"epoch": 4, "hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
     return module
+
+
+def checkpoint_run(base: Path, classes: dict[str, int]) -> dict[str, Path]:
+    """A tiny checkpoint in base/run/checkpoints/best.ckpt, its split.json (every image in val), the images.
+
+    `classes` must name tiny_checkpoint's classes (a, b, c) with a count of images each.
+    """
+    from conftest import make_image_folder
+
+    run_dir = base / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    tiny_checkpoint(ckpt)
+    images = make_image_folder(base / "images", classes, size=40)
+    files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    val = [[f, list(classes).index(f.split("/")[0])] for f in files]
+    split = {"class_names": list(classes), "root": str(images), "train": [], "val": val, "test": []}
+    (run_dir / "split.json").write_text(json.dumps(split))
+    return {"run": run_dir, "ckpt": ckpt, "images": images, "split": run_dir / "split.json"}
 
 
 def tiny_hparams() -> dict[str, Any]:

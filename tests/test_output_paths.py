@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, make_image_folder
-from crafted import tiny_checkpoint
+from crafted import checkpoint_run
 from densenet_se.errors import UserError
 from densenet_se.train import run
 from test_train import compose_cfg
@@ -20,16 +20,8 @@ CLASSES = {"a": 2, "b": 2, "c": 2}  # tiny_checkpoint's classes
 @pytest.fixture
 def setup(tmp_path: Path) -> dict[str, Path]:
     """A checkpoint in RUN/checkpoints, its split.json (every image in val) and the image folder."""
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    ckpt = run_dir / "checkpoints" / "best.ckpt"
-    tiny_checkpoint(ckpt)
-    images = make_image_folder(tmp_path / "images", CLASSES, size=40)
-    files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
-    val = [[f, list(CLASSES).index(f.split("/")[0])] for f in files]
-    split = {"class_names": list(CLASSES), "root": str(images), "train": [], "val": val, "test": []}
-    (run_dir / "split.json").write_text(json.dumps(split))
-    return {"run": run_dir, "ckpt": ckpt, "images": images, "image": images / "a" / "a_000.png"}
+    made = checkpoint_run(tmp_path, CLASSES)
+    return {**made, "image": made["images"] / "a" / "a_000.png"}
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from torchmetrics.classification import (
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
 from densenet_se.config import MAX_IMAGE_SIZE, EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered)
 from densenet_se.data.images import MAX_IMAGE_PIXELS
+from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.paths import check_output, check_outside
@@ -38,18 +39,6 @@ ON_MISSING = ("error", "skip")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def _load_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{what} {path} cannot be read ({err}); give split_file=<run dir>/split.json."
-        ) from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} is not a split.json written by train.py.")
-    return data
-
-
 def find_split_file(ckpt_path: str, split_file: str | None) -> Path:
     """`split_file`, else RUN/split.json for a checkpoint at RUN/checkpoints/x.ckpt."""
     if split_file:
@@ -304,7 +293,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     hp = ckpt["hyper_parameters"]
     run_dir = run_dir_of(cfg.ckpt_path)
     split_path = find_split_file(cfg.ckpt_path, cfg.split_file)
-    split_info = _load_json(split_path, "split file")
+    split_info = read_split_file(split_path)
     class_names = [str(c) for c in hp["class_names"]]
     if split_info.get("class_names") not in (None, class_names):
         raise UserError(

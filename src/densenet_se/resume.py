@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.checkpoint import load_checkpoint
+from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.models.densenet import LAYOUT_KEYS
@@ -136,8 +137,11 @@ class ResumeSession:
         """Refuse to continue on other images than the run started with (its split.json)."""
         saved = self.run_dir / "split.json"
         if not saved.is_file():
-            return
-        old = json.loads(saved.read_text())
+            raise UserError(
+                f"resume={self.run_dir}: {saved} is missing, so there is no record of which images this run "
+                "trained and validated on; restore it from a copy of the run, or start a new run."
+            )
+        old = read_split_file(saved)
         new = json.loads(json.dumps(datamodule.split))
         for name in ("class_names", "train", "val", "test"):
             if old.get(name) != new.get(name):
