@@ -49,6 +49,26 @@ def checkpoint_run(base: Path, classes: dict[str, int]) -> dict[str, Path]:
     return {"run": run_dir, "ckpt": ckpt, "images": images, "split": run_dir / "split.json"}
 
 
+def resumable_run(base: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """A run directory that resume accepts up to training, made without training: .hydra/config.yaml (TINY),
+    split.json from the data module, and tiny_checkpoint's model as checkpoints/last.ckpt (TINY's layout)."""
+    from omegaconf import OmegaConf
+
+    from conftest import CONF, TINY, make_image_folder
+    from densenet_se.config import compose_train_config, plain
+    from densenet_se.data import ImageFolderDataModule
+
+    images = make_image_folder(base / "images", {"a": 4, "b": 4, "c": 4}, size=40)
+    cfg = compose_train_config([*TINY, f"data.root={images}", "print_config=false", *overrides], base, CONF)
+    run_dir = Path(cfg.paths.output_dir)
+    ImageFolderDataModule(**plain(cfg.data), output_dir=str(run_dir)).setup("fit")  # writes split.json
+    (run_dir / "checkpoints").mkdir(parents=True)
+    tiny_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
 def tiny_hparams() -> dict[str, Any]:
     """The hyper_parameters of tiny_checkpoint's model (plain values)."""
     module = DenseNetSEClassifier(num_classes=3, class_names=["a", "b", "c"], image_size=32, **TINY_MODEL)
