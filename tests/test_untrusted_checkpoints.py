@@ -26,7 +26,7 @@ from crafted import (
     write_zip,
 )
 from densenet_se.archive import MAX_PICKLE_BYTES
-from densenet_se.checkpoint import load_checkpoint
+from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.errors import UserError
 from densenet_se.models.densenet import DenseNetSE, parameter_count
 from trained import run_cli
@@ -223,3 +223,16 @@ def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
         lines = [line for line in result["stderr"].splitlines() if line.strip()]
         assert result["code"] == 2 and len(lines) == 1, result
         assert lines[0].startswith("error: refusing to load checkpoint "), result
+
+
+def test_weights_that_do_not_fit_are_one_short_sentence(tmp_path):
+    path = tmp_path / "x.ckpt"
+    tiny_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    extra = {f"model.extra{i}.weight": torch.zeros(1) for i in range(2_000)}
+    torch.save({**ckpt, "state_dict": {**ckpt["state_dict"], **extra}}, path)
+    with pytest.raises(UserError) as info:
+        build_classifier(load_checkpoint(path), source="checkpoint x")
+    message = str(info.value)
+    assert message.startswith("checkpoint x's weights do not fit the model its hyper_parameters describe (")
+    assert "model.extra0.weight" in message and len(message) < 400 and "\n" not in message

@@ -190,6 +190,7 @@ def build_classifier(ckpt: dict[str, Any], source: str = "the checkpoint") -> De
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        detail = detail if len(detail) <= 300 else f"{detail[:290]}..."  # a crafted file may list 1M keys
         raise UserError(
             f"{source}'s weights do not fit the model its hyper_parameters describe ({detail})."
         ) from None
