@@ -231,3 +231,11 @@ def test_resuming_a_copied_run_directory_keeps_its_best_checkpoint(tmp_path, mon
     assert state["dirpath"] == str(copy / "checkpoints")
     assert float(state["best_model_score"]) == pytest.approx(max(scores))
     assert torch.load(original / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == best["epoch"]
+
+
+def test_resume_never_reads_the_pretrained_file_its_config_names(tmp_path):
+    run_dir = resumable_run(tmp_path)
+    planted = run_dir / "weights.pt"  # e.g. a file placed in the run directory by whoever sent it
+    _edit_config(run_dir, **{"model.pretrained": str(planted)})
+    cfg = resumed_config(compose_cfg(tmp_path, []), run_dir, ["resume=x"])
+    assert cfg.model.pretrained is None and cfg.model.growth_rate == 4
