@@ -5,7 +5,6 @@ and lets one process write a run directory at a time."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -38,12 +37,7 @@ def _edit_config(run_dir: Path, **values: object) -> None:
 
 
 def _resume(run_dir: Path, monkeypatch, capsys, *extra: str) -> tuple[int, list[str]]:
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    try:
-        status = run_cli("train", [f"resume={run_dir}", *extra], monkeypatch)
-    finally:  # Hydra's handlers would write to this test's captured (then closed) streams in later tests
-        root.handlers[:] = handlers
+    status = run_cli("train", [f"resume={run_dir}", *extra], monkeypatch)
     return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
