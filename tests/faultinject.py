@@ -14,7 +14,7 @@ import lightning as L
 
 class PauseAtBatch(L.Callback):
     """Write `marker` and sleep at (epoch, batch) so a test can kill the run there; a run that finds the
-    marker already written (the resumed session, which shares the config) carries on."""
+    marker already written carries on."""
 
     def __init__(self, marker: str, epoch: int = 1, batch: int = 1, seconds: float = 600.0) -> None:
         self.marker, self.epoch, self.batch, self.seconds = Path(marker), epoch, batch, seconds

@@ -12,23 +12,10 @@ import pytest
 import torch
 
 from conftest import ROOT, subprocess_env
+from crafted import tiny_checkpoint
 from densenet_se.checkpoint import build_classifier, load_checkpoint, run_dir_of
 from densenet_se.errors import UserError
-from densenet_se.module import DenseNetSEClassifier
 from trained import run_cli
-
-TINY_MODEL = {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "se_reduction": 2}
-
-
-def tiny_checkpoint(path: Path, **overrides) -> DenseNetSEClassifier:
-    """A checkpoint shaped like Lightning's (hyper_parameters + state_dict) without training."""
-    torch.manual_seed(0)
-    module = DenseNetSEClassifier(
-        num_classes=3, class_names=["a", "b", "c"], image_size=32, **TINY_MODEL
-    ).eval()
-    hparams = {**dict(module.hparams), **overrides}
-    torch.save({"epoch": 4, "hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
-    return module
 
 
 class RunsShell:

@@ -15,7 +15,7 @@ from test_train import compose_cfg, run_train
 
 # key -> (an out-of-range value, the allowed values as the message states them)
 BAD: dict[str, tuple[object, str]] = {
-    "data.image_size": (16, "an integer >= 32"),
+    "data.image_size": (5000, "an integer in [32, 4096]"),
     "data.batch_size": (0, "an integer >= 1"),
     "data.val_fraction": (0.0, "a number in (0, 1)"),
     "data.test_fraction": (1.0, "a number in [0, 1)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -52,8 +53,12 @@ def run_cli(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """Run `python <name>.py args...` in this process; returns the exit status."""
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored after the test (main() sets it to 1)
+    root = logging.getLogger()
+    handlers = list(root.handlers)
     try:
         entry_point(name).main()
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:  # Hydra's handlers write to this test's captured streams, closed once the test ends
+        root.handlers[:] = handlers
     return 0

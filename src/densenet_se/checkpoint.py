@@ -1,7 +1,9 @@
 """Safe checkpoint loading: `torch.load(weights_only=True)` only, then the classifier rebuilt from plain hparams.
 
 Lightning's `load_from_checkpoint` may unpickle with weights_only=False in some versions, so nothing here relies
-on it: a checkpoint that needs arbitrary unpickling is refused before any of its code can run.
+on it: a checkpoint that needs arbitrary unpickling is refused before any of its code can run. The archive is
+checked before it is read (densenet_se.archive) and every hyperparameter before the model is allocated, so a
+crafted file is refused within bounded memory.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import inspect
 import logging
 import pickle
 import re
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from densenet_se.errors import UserError
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.archive import ArchiveError, load_archive
+from densenet_se.config import MAX_IMAGE_SIZE
+from densenet_se.errors import UserError, shown
+from densenet_se.models.densenet import check_feature_bytes, check_layout
+from densenet_se.module import MODEL_KEYS, DenseNetSEClassifier
 
 log = logging.getLogger("densenet_se")
 
@@ -24,17 +30,23 @@ HINT = "pass the best.ckpt or last.ckpt written by train.py (<run dir>/checkpoin
 # What predict/eval/export need from `hyper_parameters` to rebuild the network and its preprocessing.
 REQUIRED_HPARAMS = ("num_classes", "class_names", "image_size", "mean", "std")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# The data module always normalises with ImageNet statistics; a std near 0 would blow inputs up to inf.
+MIN_STD = 1e-3
+MAX_CLASS_NAME = 255  # class names are folder names
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict at `path`, read with weights_only=True; UserError (one sentence) for anything else."""
+    """The checkpoint dict at `path`, read with weights_only=True within bounded memory and its hyper_parameters
+    checked; UserError (one sentence) for anything else."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; {HINT}.")
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file; {HINT}.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_archive(path)
+    except ArchiveError as err:
+        raise UserError(_archive_message(path, err)) from None
     except pickle.UnpicklingError as err:
         found = _GLOBAL.search(str(err))
         if found:
@@ -64,22 +76,111 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"{path} is not a densenet-se checkpoint (its hyper_parameters lack {', '.join(missing)}); {HINT}."
         )
+    try:
+        check_hparams(hparams)
+        _check_progress(ckpt)
+    except ValueError as err:
+        raise UserError(f"refusing to load checkpoint {path}: {err}; {HINT}.") from None
     return ckpt
+
+
+def _archive_message(path: Path, err: ArchiveError) -> str:
+    if err.kind == "empty":
+        return f"checkpoint {path} is empty or truncated; {HINT}."
+    if err.kind == "truncated":
+        return f"checkpoint {path} is truncated or corrupt and cannot be loaded ({err}); {HINT}."
+    if err.kind == "foreign":
+        return f"checkpoint {path} is not a PyTorch checkpoint ({err}); {HINT}."
+    return f"refusing to load checkpoint {path}: {err}; {HINT}."
+
+
+def _numbers(name: str, value: object, low: float, high: float) -> list[float]:
+    """Three finite numbers in [low, high] (mean or std of the R, G, B channels)."""
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(v, Real) and not isinstance(v, bool) and low <= float(v) <= high for v in value)
+    )
+    if not ok:  # NaN fails every comparison, so it is refused here too
+        raise ValueError(f"its {name} must be 3 numbers in [{low:g}, {high:g}] (R, G, B), got {shown(value)}")
+    return [float(v) for v in value]
+
+
+def check_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's hyper_parameters that rebuild the network and its preprocessing, checked for type,
+    range and size before anything is allocated; ValueError names the first bad one."""
+    num_classes, names, image_size = hparams["num_classes"], hparams["class_names"], hparams["image_size"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"its num_classes must be an integer >= 2, got {shown(num_classes)}")
+    if not isinstance(names, list) or len(names) != num_classes:
+        raise ValueError(
+            f"its class_names must be a list of num_classes={num_classes} names, got {shown(names)}"
+        )
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in names) or len(set(names)) != len(
+        names
+    ):
+        raise ValueError(
+            f"its class_names must be distinct non-empty strings of at most {MAX_CLASS_NAME} characters, "
+            f"got {shown(names)}"
+        )
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or not 32 <= image_size <= MAX_IMAGE_SIZE
+    ):
+        raise ValueError(
+            f"its image_size must be an integer in [32, {MAX_IMAGE_SIZE}], got {shown(image_size)}"
+        )
+    inference = {
+        "num_classes": num_classes,
+        "class_names": list(names),
+        "image_size": image_size,
+        "mean": _numbers("mean", hparams["mean"], 0.0, 1.0),
+        "std": _numbers("std", hparams["std"], MIN_STD, 1.0),
+    }
+    defaults = inspect.signature(DenseNetSEClassifier.__init__).parameters
+    model = {k: hparams.get(k, defaults[k].default) for k in MODEL_KEYS if k != "pretrained"}
+    try:
+        layout = check_layout(num_classes, **model)
+        check_feature_bytes(image_size, **layout)
+    except ValueError as err:
+        raise ValueError(
+            f"its hyper_parameters describe a model this version refuses to build ({err})"
+        ) from None
+    channels_last = hparams.get("channels_last", False)
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"its channels_last must be true or false, got {shown(channels_last)}")
+    return {**inference, **model, "channels_last": channels_last}
+
+
+def _check_progress(ckpt: dict[str, Any]) -> None:
+    """epoch / global_step (ints) and val_acc_best (a number or None), which eval and resume read."""
+    for key in ("epoch", "global_step"):
+        value = ckpt.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise ValueError(f"its {key} must be a non-negative integer, got {shown(value)}")
+    best = ckpt.get("val_acc_best")
+    if best is not None and (
+        isinstance(best, bool) or not isinstance(best, Real) or not 0 <= float(best) <= 1
+    ):
+        raise ValueError(f"its val_acc_best must be a number in [0, 1] or null, got {shown(best)}")
 
 
 def build_classifier(ckpt: dict[str, Any], source: str = "the checkpoint") -> DenseNetSEClassifier:
     """A DenseNetSEClassifier rebuilt from `ckpt["hyper_parameters"]` with its weights, on the CPU, in eval mode."""
     params = inspect.signature(DenseNetSEClassifier.__init__).parameters
-    hparams = dict(ckpt["hyper_parameters"])
-    unknown = sorted(k for k in hparams if k not in params)
+    hparams = ckpt["hyper_parameters"]
+    unknown = sorted(str(k) for k in hparams if k not in params)
     if unknown:  # a newer version's extra settings: the weights still define the network
-        log.warning("ignoring hyper_parameters this version does not know: %s", ", ".join(unknown))
-    kwargs = {k: v for k, v in hparams.items() if k in params}
-    # The weights come from the checkpoint: never read the pretrained source (a file that may be gone, or
-    # the network). compile only costs start-up time for inference.
-    kwargs.update(pretrained=None, compile=False)
+        log.warning(
+            "ignoring hyper_parameters this version does not know: %s", shown(", ".join(unknown), 200)
+        )
     try:
-        module = DenseNetSEClassifier(**kwargs)
+        # Only what rebuilds the network and its preprocessing; training settings (optimizer...) play no part.
+        # The weights come from the checkpoint: never read the pretrained source (a file that may be gone, or
+        # the network). compile only costs start-up time for inference.
+        kwargs = check_hparams(hparams)
+        module = DenseNetSEClassifier(**kwargs, pretrained=None, compile=False)
     except (UserError, ValueError, TypeError) as err:
         raise UserError(
             f"{source} has hyper_parameters this version cannot build a model from: {err}"
@@ -89,6 +190,7 @@ def build_classifier(ckpt: dict[str, Any], source: str = "the checkpoint") -> De
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        detail = detail if len(detail) <= 300 else f"{detail[:290]}..."  # a crafted file may list 1M keys
         raise UserError(
             f"{source}'s weights do not fit the model its hyper_parameters describe ({detail})."
         ) from None

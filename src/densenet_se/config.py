@@ -132,6 +132,7 @@ class PredictConfig:
     gradcam: bool = False
     gradcam_dir: str | None = None
     max_image_pixels: int = 89_478_485
+    allow_output_in_input: bool = False
     task_name: str = "predict"
 
 
@@ -209,9 +210,13 @@ def _batches(open_low: bool = False) -> Any:
     return ok
 
 
+# The largest image side anything here resizes to (training, eval, a checkpoint's image_size): 4096 px is
+# 50 MB per decoded image and ~4 GB of DenseNet-121 activations.
+MAX_IMAGE_SIZE = 4096
+
 # key -> (predicate, allowed range in words)
 _RANGES: dict[str, tuple[Any, str]] = {
-    "data.image_size": (lambda v: v >= 32, "an integer >= 32"),
+    "data.image_size": (lambda v: 32 <= v <= MAX_IMAGE_SIZE, f"an integer in [32, {MAX_IMAGE_SIZE}]"),
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.val_fraction": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "data.test_fraction": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),

@@ -24,10 +24,12 @@ from torchmetrics.classification import (
 )
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
-from densenet_se.config import EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered in config)
+from densenet_se.config import MAX_IMAGE_SIZE, EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered)
 from densenet_se.data.images import MAX_IMAGE_PIXELS
+from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.paths import check_output, check_outside
 from densenet_se.predict import probabilities
 
 log = logging.getLogger("densenet_se")
@@ -37,18 +39,6 @@ ON_MISSING = ("error", "skip")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def _load_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{what} {path} cannot be read ({err}); give split_file=<run dir>/split.json."
-        ) from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} is not a split.json written by train.py.")
-    return data
-
-
 def find_split_file(ckpt_path: str, split_file: str | None) -> Path:
     """`split_file`, else RUN/split.json for a checkpoint at RUN/checkpoints/x.ckpt."""
     if split_file:
@@ -121,8 +111,8 @@ def data_settings(
             image_size,
             hparams["image_size"],
         )
-    if image_size < 32:
-        raise UserError(f"data.image_size={image_size} must be at least 32 pixels.")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"data.image_size={image_size} must be between 32 and {MAX_IMAGE_SIZE} pixels.")
     batch_size = int(given.get("batch_size", base.get("batch_size", 32)))
     if batch_size < 1:
         raise UserError(f"data.batch_size={batch_size} must be at least 1.")
@@ -278,6 +268,17 @@ def logged_val_acc(run_dir: Path | None, ckpt: dict[str, Any]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------- task
+# Every file run() writes into output_dir (checked before anything is read, so none replaces an input).
+EVAL_JSON, CONFUSION_PNG = OUTPUT_FILES = ("eval.json", "confusion_matrix.png")
+
+
+def check_outputs(out_dir: Path, data_root: Path, protected: dict[str, Path | None]) -> None:
+    """Refuse an output_dir inside the data folder, or one where eval's files would replace a file it reads."""
+    check_outside("output_dir", out_dir, {"data.root": data_root})
+    for name in OUTPUT_FILES:
+        check_output("output_dir", out_dir, protected, writes=out_dir / name)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on `cfg.split`; write eval.json and confusion_matrix.png; return the metrics."""
     if not cfg.ckpt_path:
@@ -292,7 +293,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     hp = ckpt["hyper_parameters"]
     run_dir = run_dir_of(cfg.ckpt_path)
     split_path = find_split_file(cfg.ckpt_path, cfg.split_file)
-    split_info = _load_json(split_path, "split file")
+    split_info = read_split_file(split_path)
     class_names = [str(c) for c in hp["class_names"]]
     if split_info.get("class_names") not in (None, class_names):
         raise UserError(
@@ -300,6 +301,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "give the split.json of the run that wrote this checkpoint."
         )
     data = data_settings(cfg, hp, split_info, run_dir)
+    out_dir = Path(cfg.output_dir)
+    check_outputs(
+        out_dir,
+        data.root,
+        {
+            "the checkpoint ckpt_path": Path(cfg.ckpt_path).expanduser(),
+            "the split file": split_path,
+            "the training run's confusion_matrix.png": run_dir and run_dir / CONFUSION_PNG,
+        },
+    )
     entries = split_entries(split_info, cfg.split, split_path)
     images, labels, missing = load_split_images(data, entries, cfg.on_missing, cfg.split)
 
@@ -317,15 +328,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         missing=[list(m) for m in missing],
     )
 
-    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out_dir / EVAL_JSON, json.dumps(metrics, indent=2) + "\n")
     from densenet_se import plots
 
     title = f"{cfg.split}, {Path(cfg.ckpt_path).name}"
     plots.save_figure(
         plots.confusion_matrix_figure(metrics["confusion_matrix"], class_names, title),
-        out_dir / "confusion_matrix.png",
+        out_dir / CONFUSION_PNG,
     )
     logged = logged_val_acc(run_dir, ckpt) if cfg.split == "val" else None
     print(format_report(metrics, logged), flush=True)

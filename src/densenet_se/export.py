@@ -22,6 +22,7 @@ from densenet_se.errors import UserError
 from densenet_se.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from densenet_se.models.densenet import LAYOUT_KEYS
 from densenet_se.module import unwrap
+from densenet_se.paths import check_output
 
 log = logging.getLogger("densenet_se")
 
@@ -171,6 +172,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     side = output.with_suffix(".json")
     if side == output:
         raise UserError(f"output={output} must not end in .json: that name is kept for the sidecar file.")
+    protected = {"the checkpoint ckpt_path": Path(cfg.ckpt_path).expanduser()}
+    check_output("output", output, protected)
+    check_output("output", output, protected, writes=side)
     extra: dict[str, Any] = {}
     if cfg.format == "state_dict":
         export_state_dict(net, output)

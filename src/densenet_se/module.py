@@ -18,6 +18,7 @@ from torchmetrics.classification import (
 
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
+from densenet_se.models.densenet import check_feature_bytes, check_layout
 
 MODEL_KEYS = (
     "growth_rate",
@@ -103,6 +104,9 @@ class DenseNetSEClassifier(L.LightningModule):
                 f"optim.class_weights has {len(hp.class_weights)} values but the data has {num_classes} classes "
                 f"({', '.join(hp.class_names)}); give one weight per class or 'balanced'."
             )
+        # Sizes are checked before anything is allocated (the values may come from someone else's checkpoint).
+        layout = check_layout(num_classes, **{k: hp[k] for k in MODEL_KEYS if k != "pretrained"})
+        check_feature_bytes(hp.image_size, **layout)
         self.model = DenseNetSE(num_classes=num_classes, **{k: hp[k] for k in MODEL_KEYS})
         if hp.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -30,6 +30,7 @@ from densenet_se.data.images import (
 )
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.paths import check_output, check_outside, resolved
 
 log = logging.getLogger("densenet_se")
 
@@ -147,6 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cam = GradCAM(module)
         cam_dir = Path(cfg.gradcam_dir).expanduser() if cfg.gradcam_dir else output.parent / "gradcam"
     base = Path(cfg.input).expanduser() if Path(cfg.input).expanduser().is_dir() else None
+    check_outputs(cfg, files, output, cam_dir, base)
     log.info("predicting %d image(s) with %s on %s", len(files), cfg.ckpt_path, device)
 
     rows: list[dict[str, Any]] = []
@@ -180,6 +182,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cam_dir is not None and rows:
         log.info("Grad-CAM overlays in %s", cam_dir)
     return {"rows": rows, "skipped": skipped, "output": output, "gradcam_dir": cam_dir}
+
+
+def check_outputs(
+    cfg: DictConfig, files: Sequence[Path], output: Path, cam_dir: Path | None, base: Path | None
+) -> None:
+    """Refuse outputs that would replace the checkpoint or an input image, or that lie in the input tree
+    (where the next run would read them as images) unless allow_output_in_input=true."""
+    if not cfg.allow_output_in_input:
+        tree = {"input": Path(cfg.input).expanduser()}
+        check_outside("output", output, tree, " (or pass allow_output_in_input=true)")
+        if cam_dir is not None:
+            check_outside("gradcam_dir", cam_dir, tree, " (or pass allow_output_in_input=true)")
+    inputs = {resolved(f) for f in files}
+    protected = {"the checkpoint ckpt_path": Path(cfg.ckpt_path).expanduser()}
+    check_output("output", output, protected, inputs)
+    check_output("output", output, protected, inputs, writes=skipped_path(output))
+    if cam_dir is not None:
+        from densenet_se.explain import overlay_path
+
+        for path in files:
+            check_output("gradcam_dir", cam_dir, protected, inputs, writes=overlay_path(path, cam_dir, base))
 
 
 def write_csv(output: Path, rows: list[dict[str, Any]], class_names: list[str]) -> None:

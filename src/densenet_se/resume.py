@@ -1,9 +1,11 @@
 """Resume a run in its own directory with its own config, and seed each epoch so a resumed run matches.
 
-`python train.py resume=RUN_DIR` reads the config of the run's latest session (`.hydra/config.yaml`, or the
-newest `.hydra/resume-*/config.yaml`), lets only RESUMABLE_KEYS change from the command line, and continues
-from `checkpoints/last.ckpt`. The original `.hydra/` files are never rewritten: each resumed session records
-its config and command line in `.hydra/resume-<time>/`.
+`python train.py resume=RUN_DIR` reads the run's config (`.hydra/config.yaml`), takes the RESUMABLE_KEYS
+as its latest recorded session left them (`.hydra/resume-*/config.yaml`) and as the command line gives them,
+and continues from `checkpoints/last.ckpt`. The original `.hydra/` files are never rewritten: each resumed
+session that passed every check records its config and command line in `.hydra/resume-<time>/`. A run
+directory may come from someone else: its config may instantiate only what our config groups define
+(densenet_se.rundir), and a session record can only carry RESUMABLE_KEYS that pass the range checks.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.checkpoint import load_checkpoint
+from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.models.densenet import LAYOUT_KEYS
+from densenet_se.rundir import check_targets
 
 log = logging.getLogger("densenet_se")
 
@@ -76,11 +80,41 @@ def hydra_run_dir(resume: str | None, default: str) -> str:
     return default if resume in (None, "") else str(find_run_dir(resume))
 
 
-def session_config_path(run_dir: Path) -> Path:
-    """The config of the run's latest session: the newest .hydra/resume-*/config.yaml, else .hydra/config.yaml."""
+def session_records(run_dir: Path) -> list[Path]:
+    """The config.yaml of every recorded resumed session, oldest first."""
     hydra_dir = run_dir / ".hydra"
-    sessions = sorted(p for p in hydra_dir.glob(f"{SESSION_PREFIX}*/config.yaml") if p.is_file())
-    return sessions[-1] if sessions else hydra_dir / "config.yaml"
+    return sorted(p for p in hydra_dir.glob(f"{SESSION_PREFIX}*/config.yaml") if p.is_file())
+
+
+def carried_values(run_dir: Path, base: DictConfig) -> dict[str, Any]:
+    """The RESUMABLE_KEYS as the latest usable session record left them.
+
+    A record that cannot be read, or whose values fail the range checks or would instantiate something, is
+    skipped with a warning naming it: a bad record can neither block nor steer a later resume.
+    """
+    from densenet_se.config import validate
+
+    for record in reversed(session_records(run_dir)):
+        try:
+            loaded = OmegaConf.load(record)
+            values = {k: OmegaConf.select(loaded, k) for k in RESUMABLE_KEYS if _has(loaded, k)}
+            trial = base.copy()
+            for key, value in values.items():
+                OmegaConf.update(trial, key, value, merge=False, force_add=True)
+            validate(trial)
+            check_targets(trial, record, run_dir)
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with it, it is not used
+            log.warning("ignoring the session record %s: %s", record.parent, str(err).strip().splitlines()[0])
+            continue
+        return values
+    return {}
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
+
+
+_ABSENT = object()
 
 
 def override_key(override: str) -> str:
@@ -93,7 +127,7 @@ def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) ->
     """The run's own config with the RESUMABLE_KEYS given on the command line taken from `composed`."""
     from densenet_se.config import TrainConfig
 
-    source = session_config_path(run_dir)
+    source = run_dir / ".hydra" / "config.yaml"
     if not source.is_file():
         raise UserError(
             f"resume={run_dir}: {source} is missing, so the run's settings are unknown; resume only runs "
@@ -114,10 +148,17 @@ def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) ->
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(source))
     except Exception as err:  # a hand-edited or foreign file
         raise UserError(f"resume={run_dir}: {source} is not a valid train config ({err}).") from None
-    for key in changed:
-        OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
     cfg.resume = str(run_dir)
     cfg.paths.output_dir = str(run_dir)
+    # The weights come from last.ckpt: the pretrained source the config names (a file that may be gone, or
+    # one placed in the run directory) is never read.
+    cfg.model.pretrained = None
+    check_targets(cfg, source, run_dir)
+    for key, value in carried_values(run_dir, cfg).items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    for key in changed:
+        OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
+    check_targets(cfg, source, run_dir)  # again: the carried and command-line values are in now
     return cfg
 
 
@@ -136,8 +177,11 @@ class ResumeSession:
         """Refuse to continue on other images than the run started with (its split.json)."""
         saved = self.run_dir / "split.json"
         if not saved.is_file():
-            return
-        old = json.loads(saved.read_text())
+            raise UserError(
+                f"resume={self.run_dir}: {saved} is missing, so there is no record of which images this run "
+                "trained and validated on; restore it from a copy of the run, or start a new run."
+            )
+        old = read_split_file(saved)
         new = json.loads(json.dumps(datamodule.split))
         for name in ("class_names", "train", "val", "test"):
             if old.get(name) != new.get(name):
@@ -147,13 +191,20 @@ class ResumeSession:
                 )
 
     def record(self) -> None:
-        """Write this session's config and command line to .hydra/resume-<time>/ (Hydra's own stay as they were)."""
+        """Write this session's config and command line to .hydra/resume-<time>/ (Hydra's own stay as they were).
+
+        Called once the session has passed every check, just before training: a session that failed is not
+        recorded, so its values are not carried into the next resume.
+        """
         if not self.from_command_line:
             return  # resumed in-process with a config the caller built: no Hydra session to record
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
         folder = self.run_dir / ".hydra" / f"{SESSION_PREFIX}{stamp}"
-        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(self.cfg))
-        atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
+        # Written beside it and renamed: a session record appears whole or not at all.
+        staging = folder.with_name(f".{folder.name}.tmp")
+        atomic_write_text(staging / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
+        atomic_write_text(staging / "config.yaml", OmegaConf.to_yaml(self.cfg))
+        staging.rename(folder)
 
 
 def _hydra_output_dir() -> Path | None:

@@ -15,9 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from densenet_se.callbacks import RunReport
 from densenet_se.config import closest_key, plain, validate
 from densenet_se.data import ImageFolderDataModule
+from densenet_se.data.cache import default_cache_dir
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
-from densenet_se.resume import SeedEachEpoch, prepare_resume
+from densenet_se.paths import check_outside
+from densenet_se.resume import ResumeSession, SeedEachEpoch, prepare_resume
+from densenet_se.rundir import CheckpointPaths, hold_run_dir
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.sweep import check_multirun_launch
 
@@ -142,6 +145,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Traine
         callbacks.append(RichProgressBar())
     # Epoch N depends on (seed, N) only, so a resumed run repeats an uninterrupted one.
     callbacks.append(SeedEachEpoch(cfg.seed))
+    # A moved or copied run directory keeps its best score; no checkpoint names files outside its folder.
+    callbacks.append(CheckpointPaths())
     # Checkpoints are written to a temp file and renamed, and always loaded with weights_only=True.
     kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"))
     kwargs.setdefault("default_root_dir", str(run_dir))
@@ -162,7 +167,17 @@ def run(cfg: DictConfig) -> float | None:
     validate(cfg)
     check_accelerator(trainer_kwargs(cfg))  # before any data work
     run_dir = Path(cfg.paths.output_dir)
+    # Files written inside the image folder would be scanned as images (curves.png as a class) next time.
+    data_root = {"data.root": Path(cfg.data.root)}
+    check_outside("hydra.run.dir", run_dir, data_root)
+    check_outside("data.cache_dir", cfg.data.cache_dir or default_cache_dir(), data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run_dir(run_dir):  # one process writes a run directory at a time
+        return _train(cfg, session, run_dir)
+
+
+def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> float | None:
+    """The run once its config passed every check and this process holds the run directory."""
     if cfg.print_config:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir)
@@ -174,7 +189,6 @@ def run(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     if session is not None:
         session.check_split(datamodule)
-        session.record()
         log.info("resuming %s after epoch %d from %s", run_dir, session.epoch, session.checkpoint)
     module = build_module(cfg, datamodule)
     # extra: the split's leakage statement (grouped_split, groups, folds, fold) in every metrics.json write.
@@ -183,6 +197,8 @@ def run(cfg: DictConfig) -> float | None:
     check_multirun_launch(trainer)  # Lightning's DDP re-launch cannot run inside a sweep
 
     ckpt_path = str(session.checkpoint) if session else None
+    if session is not None:
+        session.record()  # every check passed: this session's settings now carry into the next resume
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         log.warning("training was interrupted; the last checkpoint is in %s", run_dir / "checkpoints")

@@ -5,12 +5,15 @@ Pure functions of (files, labels, groups, fractions, folds, seed): the same inpu
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 
-from densenet_se.errors import UserError
+from densenet_se.errors import UserError, shown
 
 SPLITS = ("train", "val", "test")
 
@@ -271,3 +274,59 @@ def split_class_counts(split: dict, num_classes: int) -> dict[str, list[int]]:
         for _, label in split.get(name, []):
             counts[name][label] += 1
     return counts
+
+
+def read_split_file(path: str | os.PathLike[str]) -> dict:
+    """A run's split.json, checked: a JSON object whose train/val/test lists hold [relative path, class index]
+    pairs that stay inside the data folder. UserError (one sentence naming the file) for anything else.
+
+    A split.json may come from someone else: a path with '..' or an absolute one would make eval read files
+    outside data.root.
+    """
+    path = Path(path)
+    hint = "give the split.json that train.py wrote in the run's directory"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"split file {path} cannot be read ({err.strerror or err}); {hint}.") from None
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise UserError(f"split file {path} is not valid JSON ({_first_line(err)}); {hint}.") from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"split file {path} holds a JSON {type(data).__name__}, not the object train.py writes; {hint}."
+        )
+    names = data.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UserError(f"split file {path} has class_names that are not a list of names; {hint}.")
+    for split in SPLITS:
+        entries = data.get(split, [])
+        if not isinstance(entries, list):
+            raise UserError(f"split file {path} has a '{split}' that is not a list; {hint}.")
+        for entry in entries:
+            if not _is_pair(entry) or (names is not None and not 0 <= entry[1] < len(names)):
+                raise UserError(
+                    f"split file {path} has a {split} entry {shown(entry)} that is not a [relative path, "
+                    f"class index] pair; {hint}."
+                )
+            rel = PurePosixPath(entry[0])
+            if not entry[0] or "\0" in entry[0] or rel.is_absolute() or ".." in rel.parts:
+                raise UserError(
+                    f"split file {path} lists {shown(entry[0], 300)} in {split}, which is not a path inside the data "
+                    f"folder (it is empty, absolute or goes up with '..'); {hint}."
+                )
+    return data
+
+
+def _is_pair(entry: object) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], int)
+        and not isinstance(entry[1], bool)
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -14,12 +14,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from densenet_se.archive import load_archive
+from densenet_se.errors import shown
 from densenet_se.models.se import SqueezeExcitation
 
 SE_PLACEMENTS = ("none", "head", "blocks")
@@ -176,26 +179,26 @@ class DenseNetSE(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        num_classes = _check_int("num_classes", num_classes, 2)
-        growth_rate = _check_int("growth_rate", growth_rate, 1)
-        block_config = _check_block_config(block_config)
-        num_init_features = _check_int("num_init_features", num_init_features, 1)
-        bn_size = _check_int("bn_size", bn_size, 1)
-        compression_rate = _check_real("compression_rate", compression_rate, "(0, 1]", lambda v: 0 < v <= 1)
-        drop_rate = _check_real("drop_rate", drop_rate, "[0, 1)", lambda v: 0 <= v < 1)
-        se_reduction = _check_int("se_reduction", se_reduction, 1)
-        if se_placement not in SE_PLACEMENTS:
-            raise ValueError(f"se_placement must be one of {', '.join(SE_PLACEMENTS)}, got {se_placement!r}")
-        if not isinstance(memory_efficient, bool):
-            raise ValueError(f"memory_efficient must be true or false, got {memory_efficient!r}")
         _check_pretrained(pretrained)
+        checked = check_layout(
+            num_classes,
+            growth_rate=growth_rate,
+            block_config=block_config,
+            num_init_features=num_init_features,
+            bn_size=bn_size,
+            compression_rate=compression_rate,
+            drop_rate=drop_rate,
+            se_reduction=se_reduction,
+            se_placement=se_placement,
+            memory_efficient=memory_efficient,
+        )
+        num_classes, growth_rate, block_config, num_init_features, bn_size = (
+            checked[k] for k in ("num_classes", "growth_rate", "block_config", "num_init_features", "bn_size")
+        )
+        compression_rate, drop_rate, se_reduction = (
+            checked[k] for k in ("compression_rate", "drop_rate", "se_reduction")
+        )
         block_channels = _block_channels(growth_rate, block_config, num_init_features, compression_rate)
-        se_channels = block_channels if se_placement == "blocks" else block_channels[-1:]
-        if se_placement != "none" and se_reduction > min(se_channels):
-            raise ValueError(
-                f"se_reduction must be between 1 and {min(se_channels)} (the fewest channels a "
-                f"squeeze-excitation sees in this layout), got {se_reduction}"
-            )
 
         self.num_classes = num_classes
         self.se_placement = se_placement
@@ -258,23 +261,30 @@ class DenseNetSE(nn.Module):
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {shown(value)}")
     return int(value)
 
 
 def _check_real(name: str, value: object, interval: str, ok: Callable[[float], bool]) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not ok(float(value)):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be a number in {interval}, got {shown(value)}")
     return float(value)
 
 
 def _check_block_config(value: object) -> tuple[int, ...]:
     message = (
-        f"block_config must be a non-empty list of integers >= 1 (layers per dense block), got {value!r}"
+        f"block_config must be a non-empty list of at most {MAX_DENSE_LAYERS} integers >= 1 in all (layers "
+        f"per dense block), got {shown(value)}"
     )
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or not 0 < len(value) <= MAX_DENSE_LAYERS
+    ):
         raise ValueError(message)
     if any(isinstance(n, bool) or not isinstance(n, Integral) or n < 1 for n in value):
+        raise ValueError(message)
+    if sum(value) > MAX_DENSE_LAYERS:
         raise ValueError(message)
     return tuple(int(n) for n in value)
 
@@ -282,7 +292,147 @@ def _check_block_config(value: object) -> tuple[int, ...]:
 def _check_pretrained(value: object) -> None:
     if value is None or isinstance(value, os.PathLike) or (isinstance(value, str) and value):
         return
-    raise ValueError(f"pretrained must be null, 'imagenet' or the path to a state-dict file, got {value!r}")
+    raise ValueError(
+        f"pretrained must be null, 'imagenet' or the path to a state-dict file, got {shown(value)}"
+    )
+
+
+def check_layout(
+    num_classes: object,
+    *,
+    growth_rate: object,
+    block_config: object,
+    num_init_features: object,
+    bn_size: object,
+    compression_rate: object,
+    drop_rate: object,
+    se_reduction: object,
+    se_placement: object,
+    memory_efficient: object,
+) -> dict[str, Any]:
+    """DenseNetSE's settings checked (types, ranges, parameter count) and normalised; ValueError names the first
+    bad one. Nothing is allocated, so untrusted values (a checkpoint's hyper_parameters) can be checked here."""
+    checked: dict[str, Any] = {
+        "num_classes": _check_int("num_classes", num_classes, 2),
+        "growth_rate": _check_int("growth_rate", growth_rate, 1),
+        "block_config": _check_block_config(block_config),
+        "num_init_features": _check_int("num_init_features", num_init_features, 1),
+        "bn_size": _check_int("bn_size", bn_size, 1),
+        "compression_rate": _check_real("compression_rate", compression_rate, "(0, 1]", lambda v: 0 < v <= 1),
+        "drop_rate": _check_real("drop_rate", drop_rate, "[0, 1)", lambda v: 0 <= v < 1),
+        "se_reduction": _check_int("se_reduction", se_reduction, 1),
+        "se_placement": se_placement,
+        "memory_efficient": memory_efficient,
+    }
+    if not isinstance(se_placement, str) or se_placement not in SE_PLACEMENTS:
+        raise ValueError(f"se_placement must be one of {', '.join(SE_PLACEMENTS)}, got {shown(se_placement)}")
+    if not isinstance(memory_efficient, bool):
+        raise ValueError(f"memory_efficient must be true or false, got {shown(memory_efficient)}")
+    block_channels = _block_channels(
+        checked["growth_rate"],
+        checked["block_config"],
+        checked["num_init_features"],
+        checked["compression_rate"],
+    )
+    se_channels = block_channels if se_placement == "blocks" else block_channels[-1:]
+    if se_placement != "none" and checked["se_reduction"] > min(se_channels):
+        raise ValueError(
+            f"se_reduction must be between 1 and {min(se_channels)} (the fewest channels a "
+            f"squeeze-excitation sees in this layout), got {checked['se_reduction']}"
+        )
+    check_parameter_count(**{k: v for k, v in checked.items() if k not in ("drop_rate", "memory_efficient")})
+    return checked
+
+
+# Plausible sizes, checked before anything is allocated: a checkpoint or a resumed run's config may come from
+# someone else, and the network is built from these numbers. DenseNet-264 has 130 dense layers and ~33M
+# parameters; DenseNet-121 needs ~13 MB of activations per 224 px image (~4.3 GB at 4096 px).
+MAX_DENSE_LAYERS = 1_000
+MAX_PARAMETERS = 200_000_000
+MAX_FEATURE_BYTES = 8 << 30
+
+
+def parameter_count(
+    num_classes: int,
+    *,
+    growth_rate: int,
+    block_config: Sequence[int],
+    num_init_features: int,
+    bn_size: int,
+    compression_rate: float,
+    se_reduction: int,
+    se_placement: str,
+) -> int:
+    """The number of parameters of DenseNetSE(...) with these (already checked) settings, without building it."""
+    k, width = growth_rate, bn_size * growth_rate
+    count = 3 * 49 * num_init_features + 2 * num_init_features  # conv0, norm0
+    channels, se_channels = num_init_features, []
+    for i, n in enumerate(block_config, start=1):
+        inputs = n * channels + k * n * (n - 1) // 2  # sum of the layers' input channels, in closed form
+        count += (2 + width) * inputs + n * (2 * width + 9 * width * k)  # norm1, conv1, norm2, conv2
+        channels += n * k
+        se_channels.append(channels)
+        if i != len(block_config):
+            out = int(channels * compression_rate)
+            count += 2 * channels + channels * out  # transition norm, conv
+            channels = out
+    count += 2 * channels + channels * num_classes + num_classes  # norm5, classifier
+    squeezed = {"none": [], "head": [channels], "blocks": [*se_channels, channels]}[se_placement]
+    return count + sum(2 * c * (c // se_reduction) for c in squeezed)
+
+
+def feature_bytes(
+    image_size: int,
+    *,
+    growth_rate: int,
+    block_config: Sequence[int],
+    num_init_features: int,
+    bn_size: int,
+    compression_rate: float,
+) -> int:
+    """An upper estimate of the float32 activations one image of `image_size` px holds at once in inference.
+
+    The stem keeps its convolution and batch-norm outputs at half resolution; a dense block holds the features
+    so far, their concatenation and its normalisation, and the bottleneck twice.
+    """
+    side = (image_size + 1) // 2
+    peak = 2 * num_init_features * side * side
+    side = (side + 1) // 2
+    channels = num_init_features
+    for i, n in enumerate(block_config, start=1):
+        channels += n * growth_rate
+        peak = max(peak, (3 * channels + 2 * bn_size * growth_rate) * side * side)
+        if i != len(block_config):
+            channels, side = int(channels * compression_rate), side // 2
+    return 4 * peak
+
+
+def check_parameter_count(num_classes: int, **layout: object) -> int:
+    """parameter_count(...), or ValueError when it exceeds MAX_PARAMETERS."""
+    count = parameter_count(num_classes, **layout)  # type: ignore[arg-type]
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"this layout ({_describe(layout)}, num_classes={shown(num_classes)}) has "
+            f"{f'{count:.3g}' if count < 10**300 else 'over 1e300'} parameters, more than "
+            f"the {MAX_PARAMETERS:.0e} allowed; use a smaller model"
+        )
+    return count
+
+
+def check_feature_bytes(image_size: int, **layout: object) -> int:
+    """feature_bytes(...), or ValueError when one image would need more than MAX_FEATURE_BYTES."""
+    need = feature_bytes(image_size, **{k: layout[k] for k in _FEATURE_KEYS})  # type: ignore[arg-type]
+    if need > MAX_FEATURE_BYTES:
+        raise ValueError(
+            f"image_size={shown(image_size)} with this layout ({_describe({k: layout[k] for k in _FEATURE_KEYS})}) needs "
+            f"about {f'{need / 2**30:.3g}' if need < 10**300 else 'over 1e300'} GiB of activations per image, "
+            f"more than the {MAX_FEATURE_BYTES >> 30} GiB "
+            "allowed; use smaller images or a smaller model"
+        )
+    return need
+
+
+_FEATURE_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression_rate")
 
 
 def _block_channels(
@@ -407,7 +557,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             "'imagenet' or null"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        # A zip (what torch.save writes) is read within bounded memory; torch's legacy format (older
+        # torchvision weights) cannot be bounded, but it is a file the user chose on their own command line.
+        obj = load_archive(path) if zipped else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling, zip and weights_only refusals all mean "not a state dict we load"
         raise ValueError(
             f"pretrained file {path} is not a readable PyTorch state dict ({_first_line(exc)}); "
@@ -472,7 +626,7 @@ def _infer_layout(state_dict: Mapping[str, Tensor]) -> str:
 
 def _describe(layout: Mapping[str, object]) -> str:
     return ", ".join(
-        f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in layout.items() if v is not None
+        f"{k}={shown(list(v) if isinstance(v, tuple) else v)}" for k, v in layout.items() if v is not None
     )
 
 
