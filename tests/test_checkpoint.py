@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env
 from densenet_se.checkpoint import build_classifier, load_checkpoint, run_dir_of
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
-from trained import run_cli
+from helpers.config import ROOT
+from helpers.runs import run_cli, subprocess_env
 
 TINY_MODEL = {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "se_reduction": 2}
 

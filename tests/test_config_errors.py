@@ -11,7 +11,8 @@ import pytest
 from densenet_se import config
 from densenet_se.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, closest_key, validate
 from densenet_se.errors import UserError
-from test_train import compose_cfg, run_train
+from helpers.config import compose_cfg
+from helpers.runs import run_train
 
 # key -> (an out-of-range value, the allowed values as the message states them)
 BAD: dict[str, tuple[object, str]] = {

@@ -9,10 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, make_image_folder, split_files
 from densenet_se import distributed
 from densenet_se.data import ImageFolderDataModule
-from test_train import run_train
+from helpers.config import TINY
+from helpers.images import make_image_folder, split_files
+from helpers.runs import run_train
 
 RANK_KEYS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 

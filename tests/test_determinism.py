@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY, make_image_folder
 from densenet_se.train import run
-from test_train import compose_cfg
+from helpers.config import TINY, compose_cfg
+from helpers.images import make_image_folder
 
 # Dropout, augmentation and a test split on: every random draw and every report field is compared.
 ARGS = [*TINY, "model.drop_rate=0.2", "data.augment=true", "data.test_fraction=0.2", "print_config=false"]

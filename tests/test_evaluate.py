@@ -13,9 +13,10 @@ from omegaconf import open_dict
 from PIL import Image
 
 import densenet_se.evaluate as evaluate
-from conftest import CONF, split_files
 from densenet_se.errors import UserError
-from trained import run_cli, tiny_run
+from helpers.config import CONF
+from helpers.images import split_files
+from helpers.runs import run_cli, tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import densenet_se.export as export
-from conftest import CONF
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.data.images import load_image, normalize
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
-from trained import run_cli, tiny_run
+from helpers.config import CONF
+from helpers.runs import run_cli, tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY, make_image_folder
 from densenet_se import safety
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.cli import describe
@@ -19,7 +18,8 @@ from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
 from densenet_se.safety import AtomicCheckpointIO, NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.train import run
-from test_train import compose_cfg
+from helpers.config import TINY, compose_cfg
+from helpers.images import make_image_folder
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):

@@ -12,11 +12,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, class_files, make_image_folder, subprocess_env
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.split import make_split, split_class_counts
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, fold_of, folds_markdown, mean_std
+from helpers.config import ROOT, TINY
+from helpers.images import class_files, make_image_folder
+from helpers.runs import subprocess_env
 
 
 def test_fold_validation_sets_are_disjoint_cover_the_pool_and_are_stratified():

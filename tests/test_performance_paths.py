@@ -21,10 +21,10 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import ROOT, TINY, subprocess_env
 from densenet_se.data.loaders import DeviceBatches
 from densenet_se.train import build_datamodule, build_module
-from test_train import compose_cfg
+from helpers.config import ROOT, TINY, compose_cfg
+from helpers.runs import subprocess_env
 
 
 def test_gpu_preset_sets_the_fast_path(tmp_path):

@@ -15,12 +15,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, make_image_folder, subprocess_env
 from densenet_se.callbacks import EPOCH_KEYS
 from densenet_se.errors import UserError
 from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, SeedEachEpoch, find_run_dir, resumed_config
 from densenet_se.train import run
-from test_train import compose_cfg
+from helpers.config import ROOT, TINY, compose_cfg
+from helpers.images import make_image_folder
+from helpers.runs import subprocess_env
 
 # Dropout and augmentation on: a resumed run must also repeat their random draws.
 ARGS = [*TINY, "trainer.max_epochs=3", "model.drop_rate=0.2", "data.augment=true", "print_config=false"]
@@ -65,7 +66,7 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
         [
             *args,
             f"hydra.run.dir='{run_dir}'",
-            "+callbacks.pause._target_=faultinject.PauseAtBatch",
+            "+callbacks.pause._target_=helpers.faultinject.PauseAtBatch",
             f"+callbacks.pause.marker={marker}",
         ],
         cwd=tmp_path,

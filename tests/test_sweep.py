@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, TINY
 from densenet_se import sweep
 from densenet_se.errors import UserError
-from test_train import run_train
+from helpers.config import CONF, TINY, hydra_cfg
+from helpers.runs import run_train
 
 
 def _without(keys: tuple[str, ...]) -> list[str]:
@@ -157,7 +156,7 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    cfg = _hydra_cfg(["optim.lr=0.5"])
+    cfg = hydra_cfg(["optim.lr=0.5"])
     with open_dict(cfg):
         cfg.hydra.job.num = 4
         cfg.hydra.runtime.output_dir = str(tmp_path)
@@ -189,17 +188,12 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ multi-process jobs
-def _hydra_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
 def test_a_sweep_of_ddp_jobs_is_refused_unless_slurm_starts_the_processes():
     callback = sweep.SweepSummary()
     with pytest.raises(UserError, match="cannot start 2 training processes per job"):
-        callback.on_multirun_start(_hydra_cfg(["trainer=ddp_cpu"]))
-    callback.on_multirun_start(_hydra_cfg(["trainer=cpu"]))
-    callback.on_multirun_start(_hydra_cfg(["trainer=ddp_cpu", "hydra/launcher=slurm"]))
+        callback.on_multirun_start(hydra_cfg(["trainer=ddp_cpu"]))
+    callback.on_multirun_start(hydra_cfg(["trainer=cpu"]))
+    callback.on_multirun_start(hydra_cfg(["trainer=ddp_cpu", "hydra/launcher=slurm"]))
 
 
 def test_a_job_refuses_lightnings_ddp_relaunch_in_a_multirun(monkeypatch):
@@ -247,7 +241,7 @@ def test_every_optuna_search_combination_builds_a_model():
 
 
 def test_optuna_search_composes_as_a_multirun():
-    cfg = _hydra_cfg(["hparams_search=optuna"])
+    cfg = hydra_cfg(["hparams_search=optuna"])
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.direction == "maximize"
     assert cfg.data.cache == "disk"
     assert set(cfg.hydra.sweeper.params) == {

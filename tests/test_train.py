@@ -11,24 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, TINY, split_files, subprocess_env
-from densenet_se.config import compose_train_config
 from densenet_se.train import run
-
-
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    return compose_train_config(overrides, tmp_path, CONF)
-
-
-def run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from helpers.config import CONF, ROOT, TINY, compose_cfg
+from helpers.images import split_files
+from helpers.runs import run_train, subprocess_env
 
 
 def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
