@@ -8,10 +8,12 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from densenet_se import folds, sweep
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.split import make_split, split_class_counts
 from densenet_se.errors import UserError
@@ -144,6 +146,27 @@ def test_aggregate_groups_folds_by_the_other_overrides():
     assert fold_of(["data.fold=3"]) == 3 and fold_of(["data.folds=3"]) is None
     assert aggregate_folds(rows[6:]) == [] and folds_markdown([]) == []
     assert "| (every job) | 3 of 3 | 0.8000 ± 0.1000 |" in folds_markdown(summaries[:1])
+
+
+def test_k_fold_sweep_summary_has_one_cross_validation_table(tmp_path, monkeypatch):
+    # Three finished folds as their job directories hold them: the summary needs no training.
+    for fold, acc in enumerate((0.8, 0.9, 0.7)):
+        job = tmp_path / f"{fold}_data.fold={fold}"
+        job.mkdir()
+        (job / "metrics.json").write_text(json.dumps({"best_val_acc": acc, "best_epoch": 0, "test": None}))
+        status = {"job": fold, "overrides": ["data.folds=3", f"data.fold={fold}"], "status": "completed"}
+        (job / sweep.STATUS_FILE).write_text(json.dumps({**status, "exit_code": 0, "seconds": 1.0}))
+    written = []
+    write = folds.atomic_write_text
+    monkeypatch.setattr(
+        folds, "atomic_write_text", lambda path, text: written.append(path) or write(path, text)
+    )
+    sweep.write_summary(tmp_path)
+    summary = (tmp_path / sweep.SUMMARY_MD).read_text()
+    assert summary.count("**Cross-validation: mean ± std over folds.**") == 1, summary
+    assert summary.count("| (every job) | 3 of 3 | 0.8000 ± 0.1000 |") == 1
+    assert summary.count("**Every job:**") == 1 and summary.count("| job | status |") == 1
+    assert [Path(p).name for p in written] == [folds.FOLDS_CSV]  # sweep_folds.csv written once
 
 
 def test_three_fold_sweep_summary_reports_mean_and_std(tmp_path):

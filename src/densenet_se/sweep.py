@@ -297,8 +297,8 @@ def _varying(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return common, [[o for o in lst if o not in common] for lst in lists]
 
 
-def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
-    """sweep_summary.md: counts, the best job, `extra` lines (e.g. the folds table), then a row per job."""
+def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """sweep_summary.md: counts, the best job, the cross-validation table of a k-fold sweep, a row per job."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "incomplete")}
     lines = [
         "# Sweep summary",
@@ -320,7 +320,7 @@ def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]], extra: Sequenc
     header += ["test acc", "test f1", "test auroc"] if with_test else []
     header += ["seconds", "run dir", "error"]
     lines += folds_markdown(aggregate_folds(rows))  # a data.fold=range(K) sweep: mean ± std per setting
-    lines += [*extra, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, own in zip(rows, varying, strict=True):
         cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row["best_val_acc"]]
         cells += [row["best_epoch"]]
@@ -337,14 +337,12 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Write sweep_summary.csv and sweep_summary.md (and sweep_folds.csv for k-fold jobs); return the rows."""
-    from densenet_se import folds
-
     sweep_dir = Path(sweep_dir)
     rows = collect_jobs(sweep_dir) if sweep_dir.is_dir() else []
     atomic_write_text(sweep_dir / SUMMARY_CSV, summary_csv(rows))
-    fold_lines = folds.folds_markdown(folds.write_folds_csv(sweep_dir, rows))
-    atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(sweep_dir, rows, fold_lines))
     write_folds_csv(sweep_dir, rows)  # sweep_folds.csv, only when the jobs are folds (densenet_se.folds)
+    # The markdown holds the folds table once: summary_markdown builds it from the same rows.
+    atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(sweep_dir, rows))
     return rows
 
 
