@@ -6,7 +6,6 @@ A bad override, an unknown key, an out-of-range value or a missing data folder p
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from omegaconf import DictConfig
 import densenet_se.config as config  # registers the schemas in Hydra's ConfigStore
 from densenet_se import sweep  # registers the resolvers conf/hydra/ uses
 from densenet_se.errors import UserError
+from densenet_se.overrides import closest
 
 EXIT_USER_ERROR = 2
 _OURS = "DENSENET_SE_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR=1 as set by us, not by the person
@@ -120,8 +120,8 @@ def describe(ex: BaseException, schema: Any = None) -> str:
         missing = (ex.missing_cfg_file or "").strip("/")
         if ex.options:
             group, _, name = missing.rpartition("/")
-            close = difflib.get_close_matches(name, list(ex.options), n=1)
-            hint = f" Did you mean {group}={close[0]}?" if close else ""
+            close = closest(name, ex.options)
+            hint = f" Did you mean {group}={close}?" if close else ""
             return f"{group}={name} is not a known option; choose one of: {', '.join(ex.options)}.{hint}"
         return _first_line(str(ex))
     if isinstance(ex, OverrideParseException):

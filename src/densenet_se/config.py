@@ -6,7 +6,6 @@ The dataclasses are the single source of defaults for the `data`, `model` and `o
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from densenet_se.errors import UserError
+from densenet_se.overrides import closest
 
 # OmegaConf evaluates these annotations (PEP 604 unions and builtin generics work on Python >= 3.10).
 
@@ -297,13 +297,8 @@ def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
     """The valid key nearest to a mistyped `full_key` (e.g. `data.rot` -> `data.root`), if any is close."""
     parts = full_key.split(".")
     if len(parts) == 2 and parts[0] == "trainer":
-        import inspect
-
-        import lightning
-
-        names = [n for n in inspect.signature(lightning.Trainer.__init__).parameters if n != "self"]
-        found = difflib.get_close_matches(parts[1], names, n=1, cutoff=0.5)
-        return f"trainer.{found[0]}" if found else None
+        found = closest(parts[1], trainer_arguments())
+        return f"trainer.{found}" if found else None
     node = schema
     for part in parts[:-1]:
         match = {f.name: f for f in fields(node)}.get(part) if _is_dataclass(node) else None
@@ -313,9 +308,17 @@ def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
         node = type(node) if _is_dataclass(node) else node
     if not _is_dataclass(node):
         return None
-    names = [f.name for f in fields(node)]
-    found = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.5)
-    return ".".join([*parts[:-1], found[0]]) if found else None
+    found = closest(parts[-1], [f.name for f in fields(node)])
+    return ".".join([*parts[:-1], found]) if found else None
+
+
+def trainer_arguments() -> list[str]:
+    """The keyword arguments of Lightning's Trainer: the keys `trainer.*` may set."""
+    import inspect
+
+    import lightning  # imported here: a config error is reported before Lightning loads
+
+    return [n for n in inspect.signature(lightning.Trainer.__init__).parameters if n != "self"]
 
 
 def _is_dataclass(obj: Any) -> bool:

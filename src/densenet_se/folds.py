@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from densenet_se.io import atomic_write_text, csv_text
+from densenet_se.overrides import override_key, override_value
 
 FOLDS_CSV = "sweep_folds.csv"
 FOLD_KEY = "data.fold"
@@ -31,15 +32,11 @@ def _overrides(row: dict[str, Any]) -> list[str]:
     return value.split() if isinstance(value, str) else [str(o) for o in value]
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def fold_of(overrides: Sequence[str]) -> int | None:
     """The `data.fold=i` of a job's overrides, or None for a job that is not one fold of several."""
     for override in overrides:
-        if _key(override) == FOLD_KEY:
-            value = override.split("=", 1)[1] if "=" in override else ""
+        if override_key(override) == FOLD_KEY:
+            value = override_value(override) or ""
             return int(value) if value.strip().lstrip("-").isdigit() else None
     return None
 
@@ -64,7 +61,7 @@ def aggregate_folds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         overrides = _overrides(row)
         if fold_of(overrides) is None:
             continue
-        setting = tuple(o for o in overrides if _key(o) != FOLD_KEY)
+        setting = tuple(o for o in overrides if override_key(o) != FOLD_KEY)
         settings.setdefault(setting, []).append(row)
     out = []
     for setting, jobs in settings.items():

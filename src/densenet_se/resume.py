@@ -25,6 +25,7 @@ from densenet_se.checkpoint import load_checkpoint
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.models.densenet import LAYOUT_KEYS
+from densenet_se.overrides import override_key
 
 log = logging.getLogger("densenet_se")
 
@@ -81,12 +82,6 @@ def session_config_path(run_dir: Path) -> Path:
     hydra_dir = run_dir / ".hydra"
     sessions = sorted(p for p in hydra_dir.glob(f"{SESSION_PREFIX}*/config.yaml") if p.is_file())
     return sessions[-1] if sessions else hydra_dir / "config.yaml"
-
-
-def override_key(override: str) -> str:
-    """The key of a command-line override (`+a.b=1`, `~a.b`, `a.b=1`, `a=opt` -> `a.b` / `a`)."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    return key.split("@", 1)[0]
 
 
 def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:

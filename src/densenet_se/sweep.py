@@ -27,6 +27,7 @@ from densenet_se import distributed
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
 from densenet_se.io import atomic_write_text, csv_text
+from densenet_se.overrides import override_key
 
 log = logging.getLogger("densenet_se")
 
@@ -53,10 +54,6 @@ TEST_KEYS = ("acc", "f1", "auroc", "loss")
 
 
 # ---------------------------------------------------------------------------------------------- resolvers
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _safe(text: str) -> str:
     # Brackets and quotes go; separators inside values become '-'; anything else outside [A-Za-z0-9._=-] too.
     text = re.sub(r"[\[\](){}'\"]", "", text)
@@ -88,7 +85,7 @@ def job_dir_name(num: Any, overrides: Sequence[str], exclude: Sequence[str] = ()
     items = [
         _name_item(o)
         for o in overrides
-        if not _override_key(o).startswith("hydra.") and _override_key(o) not in excluded
+        if not override_key(o).startswith("hydra.") and override_key(o) not in excluded
     ]
     body = "__".join(items)
     if len(body) > MAX_DIRNAME:
@@ -181,7 +178,7 @@ def share_image_cache(cfg: DictConfig, overrides: Sequence[str]) -> None:
     if (
         data is None
         or data.get("cache") != "memory"
-        or any(_override_key(o) == "data.cache" for o in overrides)
+        or any(override_key(o) == "data.cache" for o in overrides)
     ):
         return
     data.cache = "disk"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from pathlib import Path
@@ -13,10 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.callbacks import RunReport
-from densenet_se.config import closest_key, plain, validate
+from densenet_se.config import plain, trainer_arguments, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
+from densenet_se.overrides import closest
 from densenet_se.resume import SeedEachEpoch, prepare_resume
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.sweep import check_multirun_launch
@@ -87,13 +87,11 @@ def _cause(ex: BaseException) -> str:
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """`cfg.trainer` checked against Lightning's Trainer signature (unknown keys name the closest valid one)."""
     kwargs = plain(cfg.trainer) or {}
-    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+    valid = sorted(set(trainer_arguments()) - {"callbacks", "logger"})  # built here from cfg.callbacks/logger
     for key in kwargs:
         if key not in valid:
-            import difflib
-
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean trainer.{close[0]}?" if close else "; see Lightning's Trainer arguments"
+            close = closest(key, valid)
+            hint = f"; did you mean trainer.{close}?" if close else "; see Lightning's Trainer arguments"
             raise UserError(f"trainer.{key} is not a Trainer argument{hint}")
     return kwargs
 
@@ -208,4 +206,4 @@ def run(cfg: DictConfig) -> float | None:
     return best["val_acc"] if best else None
 
 
-__all__ = ["run", "build_datamodule", "build_module", "closest_key"]
+__all__ = ["run", "build_datamodule", "build_module"]
