@@ -48,13 +48,11 @@ REFERENCES = {"none": "torchvision", "head": "none", "none_me": "none"}
 
 def layout(name: str) -> dict:
     """The network layout of conf/model/<file>.yaml (one source of truth with training), as plain values."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import densenet_se.config  # noqa: F401  (registers the schema)
+    from densenet_se.config import compose_train_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={LAYOUTS[name]}"])
+    cfg = compose_train_config([f"model={LAYOUTS[name]}"], ROOT, ROOT / "conf")
     model = OmegaConf.to_container(cfg.model)
     chosen = {k: model[k] for k in LAYOUT_KEYS}
     if name == "121-narrow":

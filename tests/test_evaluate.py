@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 import densenet_se.evaluate as evaluate
 from densenet_se.errors import UserError
-from helpers.config import CONF
+from helpers.config import CONF, task_cfg
 from helpers.images import split_files
 from helpers.runs import run_cli, tiny_run
 
@@ -25,11 +23,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def eval_cfg(out: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
+    return task_cfg("eval", overrides, output_dir=str(out))
 
 
 def test_best_checkpoint_on_val_reproduces_training_exactly(run_dir, tmp_path):

@@ -10,15 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 import densenet_se.export as export
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.data.images import load_image, normalize
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
-from helpers.config import CONF
+from helpers.config import task_cfg
 from helpers.runs import run_cli, tiny_run
 
 
@@ -33,11 +31,7 @@ def ckpt_path(run_dir: Path) -> Path:
 
 
 def export_cfg(out: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="export", overrides=overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
+    return task_cfg("export", overrides, output_dir=str(out))
 
 
 def real_batch(run_dir: Path, n: int, image_size: int) -> torch.Tensor:

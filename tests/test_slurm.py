@@ -12,7 +12,7 @@ import pytest
 import submitit
 from hydra.utils import instantiate
 
-from densenet_se import distributed, sweep
+from densenet_se import cli, distributed, sweep
 from densenet_se.cli import describe
 from helpers.config import ROOT, TINY, hydra_cfg
 from helpers.runs import run_train
@@ -135,8 +135,8 @@ def test_under_srun_lightning_takes_ranks_from_slurm_and_does_not_relaunch(monke
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert trainer.strategy.cluster_environment.creates_processes_externally  # srun started them
     assert trainer.global_rank == 5 and trainer.world_size == 8
-    monkeypatch.setattr(sweep, "is_multirun", lambda: True)
-    sweep.check_multirun_launch(trainer)  # so a SLURM sweep job may use DDP
+    monkeypatch.setattr(cli, "is_multirun", lambda: True)
+    cli.check_multirun_launch(trainer)  # so a SLURM sweep job may use DDP
 
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, image_folder):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from densenet_se import sweep
+from densenet_se import cli, sweep
 from densenet_se.errors import UserError
 from helpers.config import CONF, TINY, hydra_cfg
 from helpers.runs import run_train
@@ -168,7 +168,7 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
         raise UserError("data.root=/x does not exist: set data.root.")
 
     # None, not NaN: hydra-optuna-sweeper then marks the trial failed and goes on.
-    assert sweep.run_job(fails, task_cfg) is None
+    assert cli.run_job(fails, task_cfg) is None
     status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
     assert (status["job"], status["status"], status["exit_code"]) == (4, "failed", 2)
     assert status["error"] == "data.root=/x does not exist: set data.root." and status["overrides"] == [
@@ -178,11 +178,11 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
     def crashes(_cfg):
         raise RuntimeError("CUDA error: out of memory\nmore detail")
 
-    assert sweep.run_job(crashes, task_cfg) is None
+    assert cli.run_job(crashes, task_cfg) is None
     status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
     assert status["exit_code"] == 1 and status["error"] == "RuntimeError: CUDA error: out of memory"
 
-    assert sweep.run_job(lambda c: 0.75 if c.data.cache == "disk" else -1.0, task_cfg) == 0.75
+    assert cli.run_job(lambda c: 0.75 if c.data.cache == "disk" else -1.0, task_cfg) == 0.75
     status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
     assert (status["status"], status["value"], status["exit_code"]) == ("completed", 0.75, 0)
 
@@ -202,12 +202,12 @@ def test_a_job_refuses_lightnings_ddp_relaunch_in_a_multirun(monkeypatch):
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False
     )
-    sweep.check_multirun_launch(trainer)  # a single run: Lightning may re-launch the command
-    monkeypatch.setattr(sweep, "is_multirun", lambda: True)
+    cli.check_multirun_launch(trainer)  # a single run: Lightning may re-launch the command
+    monkeypatch.setattr(cli, "is_multirun", lambda: True)
     with pytest.raises(UserError, match="hydra/launcher=slurm"):
-        sweep.check_multirun_launch(trainer)
+        cli.check_multirun_launch(trainer)
     one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
-    sweep.check_multirun_launch(one)
+    cli.check_multirun_launch(one)
 
 
 # ------------------------------------------------------------------------------------------ Optuna search space

@@ -149,39 +149,12 @@ class ExportConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas; `conf/train.yaml` extends `train_schema`."""
+    """Register the schemas in Hydra's ConfigStore (`conf/train.yaml` extends `train_schema`); idempotent."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
-
-
-register_configs()
-
-
-def _resume_run_dir(resume: str | None, default: str) -> str:
-    if resume in (None, ""):  # a new run: no need to load the resume machinery (torch, Lightning)
-        return default
-    from densenet_se.resume import hydra_run_dir  # imported late: it needs torch and Lightning
-
-    return hydra_run_dir(resume, default)
-
-
-def _resume_output_subdir(resume: Any) -> str | None:
-    """`.hydra` for a new run; none when resuming (the original is kept) or in a non-zero DDP rank."""
-    from densenet_se.distributed import is_rank_zero
-
-    return ".hydra" if resume in (None, "") and is_rank_zero() else None
-
-
-def register_resolvers() -> None:
-    """`${resume_run_dir:...}` and `${resume_output_subdir:...}` for conf/hydra/default.yaml (resume=RUN_DIR)."""
-    OmegaConf.register_new_resolver("resume_run_dir", _resume_run_dir, replace=True)
-    OmegaConf.register_new_resolver("resume_output_subdir", _resume_output_subdir, replace=True)
-
-
-register_resolvers()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,6 +318,7 @@ def compose_train_config(
 
     work = Path(work_dir)
     conf = Path(config_dir) if config_dir else Path(__file__).resolve().parents[2] / "conf"
+    register_configs()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     with open_dict(cfg):

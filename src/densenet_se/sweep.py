@@ -1,9 +1,7 @@
-"""Sweeps (`python train.py -m ...`, Optuna, submitit): job directory names, jobs that fail without stopping
-the sweep, and the sweep summary (sweep_summary.csv / .md at the sweep root).
+"""Sweeps (`python train.py -m ...`, Optuna, submitit): job directory names, the shared image cache of a sweep's
+jobs, the refusal of multi-process jobs, and the sweep summary (sweep_summary.csv / .md at the sweep root).
 
-Importing this module registers the OmegaConf resolvers that conf/hydra/default.yaml and the launcher configs
-use, so it must be imported before Hydra composes (densenet_se.cli does; a submitit job imports it when it
-unpickles the SweepSummary callback).
+Running each job (a failure recorded, the sweep going on) is entry-point plumbing: densenet_se.cli.
 """
 
 from __future__ import annotations
@@ -13,9 +11,7 @@ import json
 import logging
 import math
 import re
-import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,62 +112,7 @@ def slurm_gpus(accelerator: Any, devices: Any) -> int | None:
     return None if str(accelerator) == "cpu" else slurm_tasks(devices)
 
 
-def register_resolvers() -> None:
-    """Register the resolvers used by conf/hydra/*.yaml (idempotent)."""
-    OmegaConf.register_new_resolver("job_dir_name", job_dir_name, replace=True)
-    OmegaConf.register_new_resolver("rank_suffix", distributed.rank_suffix, replace=True)
-    OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
-    OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
-
-
-register_resolvers()
-
-
 # ---------------------------------------------------------------------------------------------- sweep jobs
-def is_multirun() -> bool:
-    """True inside a job of a Hydra multirun (`-m`, hparams_search=..., a launcher plugin)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
-
-    Returns the task's value, or None for a failed job (Optuna then records the trial as failed; a NaN would
-    make hydra-optuna-sweeper 1.3 stop the search).
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from densenet_se.cli import describe, exit_status
-
-    hydra_cfg = HydraConfig.get()
-    job_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = [str(o) for o in hydra_cfg.overrides.task]
-    status: dict[str, Any] = {"job": int(hydra_cfg.job.num), "overrides": overrides}
-    share_image_cache(cfg, overrides)
-    start = time.perf_counter()
-    try:
-        value = task(cfg)
-    except Exception as ex:  # noqa: BLE001 - one job's failure must not stop the others
-        line = describe(ex)
-        log.error("job %s failed: %s", status["job"], line)
-        status.update(
-            status="failed",
-            error=line,
-            exit_code=exit_status(ex),
-            traceback="".join(traceback.format_exception(ex)),
-        )
-        value = None
-    else:
-        status.update(status="completed", value=value, exit_code=0)
-    status["seconds"] = round(time.perf_counter() - start, 3)
-    if distributed.is_rank_zero():
-        atomic_write_text(job_dir / STATUS_FILE, json.dumps(status, indent=2, default=str) + "\n")
-    return value
-
-
 def share_image_cache(cfg: DictConfig, overrides: Sequence[str]) -> None:
     """Sweep jobs use the disk cache (decoded once, shared by every job) unless data.cache was given."""
     data = cfg.get("data")
@@ -183,22 +124,6 @@ def share_image_cache(cfg: DictConfig, overrides: Sequence[str]) -> None:
         return
     data.cache = "disk"
     log.info("sweep job: data.cache=disk, so the jobs of this sweep decode the images only once")
-
-
-def check_multirun_launch(trainer: Any) -> None:
-    """Refuse, in a multirun, a strategy that Lightning would start by re-running the command line."""
-    if not is_multirun():
-        return
-    try:
-        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-    except ImportError:  # pragma: no cover - a Lightning without it cannot re-launch either
-        return
-    strategy = trainer.strategy
-    environment = getattr(strategy, "cluster_environment", None)
-    if environment is not None and environment.creates_processes_externally:
-        return  # srun or torchrun started every process: nothing is re-launched
-    if isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher):
-        raise UserError(multirun_ddp_message(trainer.world_size))
 
 
 def multirun_ddp_message(processes: int) -> str:
@@ -367,25 +292,18 @@ class SweepResult:
         )
 
 
-_last: SweepResult | None = None
-
-
-def take_last_result() -> SweepResult | None:
-    """The result of the sweep that just ended in this process (once), or None."""
-    global _last
-    result, _last = _last, None
-    return result
-
-
 class SweepSummary(Callback):
     """Hydra callback: refuses sweeps that Lightning cannot run, and writes the summary when a sweep ends."""
+
+    # How the sweep that ended last in this process went (densenet_se.cli.take_last_result reads it once).
+    last_result: SweepResult | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         trainer = OmegaConf.select(config, "trainer", default=None)
         if trainer is None or launcher.endswith("SlurmLauncher"):
             return
-        # Fail before any job starts; run_job's check_multirun_launch catches what a job's overrides add.
+        # Fail before any job starts; cli.check_multirun_launch catches what a job's overrides add.
         processes = distributed.expected_processes(trainer)
         if processes > 1 and "spawn" not in str(trainer.get("strategy", "auto")):
             raise UserError(multirun_ddp_message(processes))
@@ -401,12 +319,12 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = self._summarise(config)
         done = sum(r["status"] == "completed" for r in rows)
-        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), _last.sweep_dir / SUMMARY_MD)
+        summary = Path(str(config.hydra.sweep.dir)).resolve() / SUMMARY_MD
+        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), summary)
 
     @staticmethod
     def _summarise(config: DictConfig) -> list[dict[str, Any]]:
-        global _last
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         rows = write_summary(sweep_dir)
-        _last = SweepResult(sweep_dir, rows)
+        SweepSummary.last_result = SweepResult(sweep_dir, rows)
         return rows

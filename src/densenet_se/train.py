@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.callbacks import RunReport
+from densenet_se.cli import check_multirun_launch
 from densenet_se.config import plain, trainer_arguments, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
@@ -19,7 +20,6 @@ from densenet_se.module import DenseNetSEClassifier
 from densenet_se.overrides import closest
 from densenet_se.resume import SeedEachEpoch, prepare_resume
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
-from densenet_se.sweep import check_multirun_launch
 
 log = logging.getLogger("densenet_se")
 

@@ -35,7 +35,25 @@ def compose_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
 
 def hydra_cfg(overrides: list[str], config_name: str = "train") -> DictConfig:
     """A config composed with its `hydra` node, as a Hydra app sees it (launcher, sweeper, callbacks)."""
+    return _compose(config_name, overrides, with_hydra=True)
+
+
+def task_cfg(config_name: str, overrides: list[str], **values: object) -> DictConfig:
+    """conf/<config_name>.yaml (eval, predict, export) as its task gets it, with `values` set (e.g. output_dir)."""
+    from omegaconf import open_dict
+
+    cfg = _compose(config_name, overrides, with_hydra=False)
+    with open_dict(cfg):
+        for key, value in values.items():
+            cfg[key] = value
+    return cfg
+
+
+def _compose(config_name: str, overrides: list[str], with_hydra: bool) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
+    from densenet_se.cli import register
+
+    register()  # the schemas and the resolvers conf/hydra/ uses, as `python train.py` registers them
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
