@@ -15,9 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from densenet_se.callbacks import EPOCH_KEYS
+from densenet_se.callbacks import EPOCH_KEYS, SeedEachEpoch
 from densenet_se.errors import UserError
-from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, SeedEachEpoch, find_run_dir, resumed_config
+from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, find_run_dir, resumed_config
 from densenet_se.train import run
 from helpers.config import ROOT, TINY, compose_cfg
 from helpers.images import make_image_folder

@@ -1,10 +1,12 @@
-"""Run reports: metrics.json, curves.png, samples.png, confusion matrices, TensorBoard images and HParams."""
+"""Training callbacks: the run report (metrics.json, curves.png, samples.png, confusion matrices, TensorBoard images
+and HParams) and per-epoch seeding (epoch N depends on (seed, N) only, so a resumed run repeats an uninterrupted one)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -239,3 +241,52 @@ def _hparam_value(value: Any) -> int | float | str | bool:
     if isinstance(value, (list, tuple, np.ndarray)):
         return str(list(value))
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------------- seeding
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A well-mixed 32-bit seed for one stream (0: data order, 1: training steps) of one epoch of one run."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device) alike."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeedEachEpoch(L.Callback):
+    """Make epoch N depend on (seed, N) only, so epoch N of a resumed run repeats that of an uninterrupted one.
+
+    At each training epoch start: the global RNGs (dropout, augmentation) are seeded from (seed, N), and the
+    train loader's RandomSampler gets its own generator seeded from (seed, N). The sampler's generator is
+    otherwise the DataLoader's, which every `iter()` also draws from, and Lightning calls `iter()` a
+    different number of times in a resumed session than in an uninterrupted one. The sampler draws its
+    order when the first batch is fetched, after this hook, with `data.num_workers=0`; worker processes
+    prefetch earlier, so with workers the first epoch of a resumed session is shuffled differently.
+    `data.cache=device` loaders (DeviceBatches) get the same (seed, N) through their `seed` and `epoch`.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        seed_all(epoch_seed(self.seed, epoch, stream=1))
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            self._seed_order(loader, epoch)
+
+    def _seed_order(self, loader: Any, epoch: int) -> None:
+        from torch.utils.data import RandomSampler
+
+        from densenet_se.data.loaders import DeviceBatches
+
+        if isinstance(loader, DeviceBatches):
+            if loader.shuffle:  # it shuffles with seed + epoch and counts epochs itself
+                loader.seed, loader.epoch = epoch_seed(self.seed, 0, stream=2), epoch
+            return
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, stream=2))

@@ -11,14 +11,14 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from densenet_se.callbacks import RunReport
+from densenet_se.callbacks import RunReport, SeedEachEpoch
 from densenet_se.cli import check_multirun_launch
 from densenet_se.config import plain, trainer_arguments, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
 from densenet_se.overrides import closest
-from densenet_se.resume import SeedEachEpoch, prepare_resume
+from densenet_se.resume import prepare_resume
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
 
 log = logging.getLogger("densenet_se")
