@@ -67,8 +67,11 @@ def base_cfg(tmp_path_factory):
 
 
 def test_every_range_and_choice_is_tested():
-    assert set(BAD) == set(config._RANGES)
-    assert set(BAD_CHOICE) == set(config._CHOICES)
+    rules = config.rules()
+    assert set(BAD) == {key for key, rule in rules.items() if not isinstance(rule, tuple)}
+    assert {key: ", ".join(rule) for key, rule in rules.items() if isinstance(rule, tuple)} == {
+        key: allowed for key, (_, allowed) in BAD_CHOICE.items()
+    }
 
 
 def test_every_numeric_key_is_range_checked():

@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from densenet_se.checks import Range, Rule, at_least, interval, problem
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
 
@@ -160,16 +161,8 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Range checks run at start-up: types and unknown keys are already rejected by the schema at compose time.
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.cache": ("none", "memory", "disk", "device"),
-    "data.on_bad_file": ("skip", "error"),
-    "model.se_placement": ("head", "blocks", "none"),
-    "optim.optimizer": ("adam", "adamw", "sgd"),
-    "optim.scheduler": ("none", "cosine", "step", "plateau"),
-}
 
-
-def _batches(open_low: bool = False) -> Any:
+def _batches(open_low: bool = False) -> Range:
     """Lightning's batch-count keys: a float is a fraction of the epoch, an int a number of batches."""
 
     def ok(v: Any) -> bool:
@@ -179,67 +172,69 @@ def _batches(open_low: bool = False) -> Any:
             return (0.0 < v if open_low else 0.0 <= v) and v <= 1.0
         return v >= (1 if open_low else 0)
 
-    return ok
+    if open_low:
+        return Range(ok, "a fraction in (0, 1] or a number of batches >= 1")
+    return Range(ok, "a fraction in [0, 1] or a number of batches >= 0")
 
 
-# key -> (predicate, allowed range in words)
-_RANGES: dict[str, tuple[Any, str]] = {
-    "data.image_size": (lambda v: v >= 32, "an integer >= 32"),
-    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "data.val_fraction": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
-    "data.test_fraction": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "data.max_image_pixels": (lambda v: v >= 1024, "an integer >= 1024"),
-    "data.folds": (lambda v: v == 0 or v >= 2, "0 (no folds) or an integer >= 2"),
-    "data.fold": (lambda v: v >= 0, "an integer >= 0"),
-    "model.growth_rate": (lambda v: v >= 1, "an integer >= 1"),
-    "model.num_init_features": (lambda v: v >= 1, "an integer >= 1"),
-    "model.bn_size": (lambda v: v >= 1, "an integer >= 1"),
-    "model.compression_rate": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-    "model.drop_rate": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "model.se_reduction": (lambda v: v >= 1, "an integer >= 1"),
-    "model.block_config": (
-        lambda v: len(v) >= 1 and all(int(b) >= 1 for b in v),
-        "a non-empty list of integers >= 1",
+# key -> allowed values (choices, or a Range)
+_RULES: dict[str, Rule] = {
+    "data.cache": ("none", "memory", "disk", "device"),
+    "data.on_bad_file": ("skip", "error"),
+    "model.se_placement": ("head", "blocks", "none"),
+    "optim.optimizer": ("adam", "adamw", "sgd"),
+    "optim.scheduler": ("none", "cosine", "step", "plateau"),
+    "data.image_size": at_least(32),
+    "data.batch_size": at_least(1),
+    "data.val_fraction": interval(0, 1, "()"),
+    "data.test_fraction": interval(0, 1, "[)"),
+    "data.num_workers": at_least(0),
+    "data.max_image_pixels": at_least(1024),
+    "data.folds": Range(lambda v: v == 0 or v >= 2, "0 (no folds) or an integer >= 2"),
+    "data.fold": at_least(0),
+    "model.growth_rate": at_least(1),
+    "model.num_init_features": at_least(1),
+    "model.bn_size": at_least(1),
+    "model.compression_rate": interval(0, 1, "(]"),
+    "model.drop_rate": interval(0, 1, "[)"),
+    "model.se_reduction": at_least(1),
+    "model.block_config": Range(
+        lambda v: len(v) >= 1 and all(int(b) >= 1 for b in v), "a non-empty list of integers >= 1"
     ),
-    "optim.lr": (lambda v: 0.0 < v <= 10.0, "a number in (0, 10]"),
-    "optim.weight_decay": (lambda v: v >= 0.0, "a number >= 0"),
-    "optim.momentum": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "optim.warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "optim.label_smoothing": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "optim.lr": interval(0, 10, "(]"),
+    "optim.weight_decay": Range(lambda v: v >= 0.0, "a number >= 0"),
+    "optim.momentum": interval(0, 1, "[)"),
+    "optim.warmup_epochs": at_least(0),
+    "optim.label_smoothing": interval(0, 1, "[)"),
+    "seed": Range(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     # Lightning accepts some of these and fails later (a modulo by zero) or trains nothing.
-    "trainer.max_epochs": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.min_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1 (or null)"),
-    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.num_sanity_val_steps": (lambda v: v >= -1, "an integer >= 0, or -1 for all"),
-    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (or null)"),
-    "trainer.val_check_interval": (_batches(True), "a fraction in (0, 1] or a number of batches >= 1"),
-    "trainer.limit_train_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
-    "trainer.limit_val_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
-    "trainer.limit_test_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
+    "trainer.max_epochs": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.min_epochs": at_least(0),
+    "trainer.max_steps": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.accumulate_grad_batches": at_least(1),
+    "trainer.check_val_every_n_epoch": Range(lambda v: v >= 1, "an integer >= 1 (or null)"),
+    "trainer.log_every_n_steps": at_least(1),
+    "trainer.num_sanity_val_steps": Range(lambda v: v >= -1, "an integer >= 0, or -1 for all"),
+    "trainer.gradient_clip_val": Range(lambda v: v >= 0, "a number >= 0 (or null)"),
+    "trainer.val_check_interval": _batches(open_low=True),
+    "trainer.limit_train_batches": _batches(),
+    "trainer.limit_val_batches": _batches(),
+    "trainer.limit_test_batches": _batches(),
 }
+
+
+def rules() -> dict[str, Rule]:
+    """Every checked key of the train config (`data.image_size`, ...) and its allowed values."""
+    return dict(_RULES)
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise UserError naming the first out-of-range key and its allowed values."""
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in allowed:
-            raise UserError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}.")
-    for key, (ok, words) in _RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        try:
-            good = ok(value)
-        except TypeError:  # trainer.* values are untyped: a string where a number belongs
-            good = False
-        if not good:
-            raise UserError(f"{key}={_show(value)} is out of range; it must be {words}.")
+    for key, rule in rules().items():
+        value = plain(OmegaConf.select(cfg, key))
+        message = None if value is None else problem(key, value, rule)
+        if message is not None:
+            raise UserError(message)
     data = cfg.data
     if data.val_fraction + data.test_fraction >= 1.0:
         raise UserError(
@@ -258,12 +253,6 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(
                 "optim.class_weights must be null, 'balanced', or a list of non-negative numbers, one per class."
             )
-
-
-def _show(value: Any) -> str:
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value)
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
