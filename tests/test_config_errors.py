@@ -10,6 +10,7 @@ import pytest
 
 from densenet_se import config
 from densenet_se.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, closest_key, validate
+from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from helpers.config import compose_cfg
 from helpers.runs import run_train
@@ -105,6 +106,39 @@ def test_unknown_choices_list_the_allowed_ones(base_cfg, key):
     with pytest.raises(UserError) as err:
         validate(cfg)
     assert str(err.value) == f"{key}={value!r} is not allowed; choose one of: {allowed}."
+
+
+@pytest.mark.parametrize("key", sorted(k for k in [*BAD, *BAD_CHOICE] if k.startswith("data.")))
+def test_the_data_module_refuses_what_the_config_refuses_in_the_same_words(base_cfg, key, tmp_path):
+    cfg = copy.deepcopy(base_cfg)
+    value = BAD[key][0] if key in BAD else BAD_CHOICE[key][0]
+    config.OmegaConf.update(cfg, key, value)
+    with pytest.raises(UserError) as from_config:
+        validate(cfg)
+    with pytest.raises(UserError) as from_module:
+        ImageFolderDataModule(root=str(tmp_path), **{key.removeprefix("data."): value})
+    assert str(from_module.value) == str(from_config.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"data.val_fraction": 0.6, "data.test_fraction": 0.4},
+            "data.val_fraction=0.6 plus data.test_fraction=0.4 must be below 1 so that some images are left "
+            "for training.",
+        ),
+        ({"data.folds": 3, "data.fold": 3}, "data.fold=3 must be in 0..2 for data.folds=3."),
+        ({"data.fold": 2}, "data.fold=2 needs data.folds, e.g. data.folds=5 data.fold=2."),
+    ],
+)
+def test_rules_across_keys_are_the_splits_own(base_cfg, overrides, message):
+    cfg = copy.deepcopy(base_cfg)
+    for key, value in overrides.items():
+        config.OmegaConf.update(cfg, key, value)
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+    assert str(err.value) == message
 
 
 def test_a_string_where_a_number_belongs_is_a_range_error(base_cfg):

@@ -65,10 +65,10 @@ def test_folds_are_a_pure_function_of_files_folds_and_seed():
 @pytest.mark.parametrize(
     ("folds", "fold", "message"),
     [
-        (1, 0, "data.folds=1 must be 0 (no folds) or at least 2"),
-        (-2, 0, "data.folds=-2 must be 0 (no folds) or at least 2"),
+        (1, 0, "data.folds=1 is out of range; it must be 0 (no folds) or an integer >= 2."),
+        (-2, 0, "data.folds=-2 is out of range; it must be 0 (no folds) or an integer >= 2."),
         (5, 5, "data.fold=5 must be in 0..4 for data.folds=5"),
-        (5, -1, "data.fold=-1 must be in 0..4 for data.folds=5"),
+        (5, -1, "data.fold=-1 is out of range; it must be an integer >= 0."),
         (0, 2, "data.fold=2 needs data.folds, e.g. data.folds=5 data.fold=2"),
     ],
 )

@@ -179,19 +179,9 @@ def _batches(open_low: bool = False) -> Range:
 
 # key -> allowed values (choices, or a Range)
 _RULES: dict[str, Rule] = {
-    "data.cache": ("none", "memory", "disk", "device"),
-    "data.on_bad_file": ("skip", "error"),
     "model.se_placement": ("head", "blocks", "none"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step", "plateau"),
-    "data.image_size": at_least(32),
-    "data.batch_size": at_least(1),
-    "data.val_fraction": interval(0, 1, "()"),
-    "data.test_fraction": interval(0, 1, "[)"),
-    "data.num_workers": at_least(0),
-    "data.max_image_pixels": at_least(1024),
-    "data.folds": Range(lambda v: v == 0 or v >= 2, "0 (no folds) or an integer >= 2"),
-    "data.fold": at_least(0),
     "model.growth_rate": at_least(1),
     "model.num_init_features": at_least(1),
     "model.bn_size": at_least(1),
@@ -224,8 +214,11 @@ _RULES: dict[str, Rule] = {
 
 
 def rules() -> dict[str, Rule]:
-    """Every checked key of the train config (`data.image_size`, ...) and its allowed values."""
-    return dict(_RULES)
+    """Every checked key of the train config (`data.image_size`, ...) and its allowed values, each read from the
+    code that uses the value (the data module, ...) except the run's own and the trainer's."""
+    from densenet_se.data.datamodule import ALLOWED as DATA  # imported here: it needs torch and Lightning
+
+    return {**{f"data.{k}": rule for k, rule in DATA.items()}, **_RULES}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -235,18 +228,11 @@ def validate(cfg: DictConfig) -> None:
         message = None if value is None else problem(key, value, rule)
         if message is not None:
             raise UserError(message)
-    data = cfg.data
-    if data.val_fraction + data.test_fraction >= 1.0:
-        raise UserError(
-            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves no "
-            "training images; keep the sum below 1."
-        )
-    if data.folds and data.fold >= data.folds:
-        raise UserError(
-            f"data.fold={data.fold} is out of range; it must be in 0..{data.folds - 1} (data.folds)."
-        )
-    if data.fold and not data.folds:
-        raise UserError(f"data.fold={data.fold} needs data.folds, e.g. data.folds=5 data.fold={data.fold}.")
+    # Across keys: the split's own rules (no images left for training, a fold outside data.folds).
+    from densenet_se.data.split import check_folds, check_fractions
+
+    check_fractions(cfg.data.val_fraction, cfg.data.test_fraction)
+    check_folds(cfg.data.folds, cfg.data.fold)
     weights = cfg.optim.class_weights
     if weights is not None and weights != "balanced":
         if not OmegaConf.is_list(weights) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):

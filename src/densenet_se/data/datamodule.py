@@ -13,7 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
+from densenet_se.checks import Rule, at_least, check
 from densenet_se.data import cache as cache_lib
+from densenet_se.data import split as split_lib
 from densenet_se.data.augment import augment_batch, build_augmentation
 from densenet_se.data.groups import (
     csv_groups_for,
@@ -33,6 +35,16 @@ log = logging.getLogger("densenet_se.data")
 
 CACHE_MODES = ("none", "memory", "disk", "device")
 BAD_FILE_MODES = ("skip", "error")
+# Allowed values of the data.* settings (this module's arguments): checked here and by config.validate.
+ALLOWED: dict[str, Rule] = {
+    "cache": CACHE_MODES,
+    "on_bad_file": BAD_FILE_MODES,
+    "image_size": at_least(32),  # DenseNet downsamples 32x
+    "batch_size": at_least(1),
+    "num_workers": at_least(0),
+    "max_image_pixels": at_least(1024),
+    **split_lib.ALLOWED,
+}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -69,20 +81,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         groups: str | None = None,
     ) -> None:
         super().__init__()
-        if int(image_size) < 32:
-            raise UserError(
-                f"data.image_size={image_size} must be at least 32 pixels (DenseNet downsamples 32x)."
-            )
-        if int(batch_size) < 1:
-            raise UserError(f"data.batch_size={batch_size} must be at least 1.")
-        if int(num_workers) < 0:
-            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
-        if cache not in CACHE_MODES:
-            raise UserError(f"data.cache={cache!r} is not one of {', '.join(CACHE_MODES)}.")
-        if on_bad_file not in BAD_FILE_MODES:
-            raise UserError(f"data.on_bad_file={on_bad_file!r} is not one of {', '.join(BAD_FILE_MODES)}.")
-        if int(max_image_pixels) < 1:
-            raise UserError(f"data.max_image_pixels={max_image_pixels} must be a positive number of pixels.")
+        settings = dict(
+            cache=cache,
+            on_bad_file=on_bad_file,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            max_image_pixels=max_image_pixels,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            folds=folds,
+            fold=fold,
+        )
+        check(settings, ALLOWED, "data.")
         check_fractions(float(val_fraction), float(test_fraction))
         check_folds(int(folds), int(fold))
         if group_pattern and groups:
