@@ -12,6 +12,7 @@ from densenet_se import config
 from densenet_se.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, closest_key, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
+from densenet_se.models import DenseNetSE
 from helpers.config import compose_cfg
 from helpers.runs import run_train
 
@@ -108,16 +109,25 @@ def test_unknown_choices_list_the_allowed_ones(base_cfg, key):
     assert str(err.value) == f"{key}={value!r} is not allowed; choose one of: {allowed}."
 
 
-@pytest.mark.parametrize("key", sorted(k for k in [*BAD, *BAD_CHOICE] if k.startswith("data.")))
-def test_the_data_module_refuses_what_the_config_refuses_in_the_same_words(base_cfg, key, tmp_path):
+# group -> (the code that uses its values, built with one of them; what it raises; what its message lacks)
+OWNERS = {
+    "data": (lambda tmp, **kw: ImageFolderDataModule(root=str(tmp), **kw), UserError, ""),
+    "model": (lambda tmp, **kw: DenseNetSE(2, **kw), ValueError, "model."),
+}
+
+
+@pytest.mark.parametrize("key", sorted(k for k in [*BAD, *BAD_CHOICE] if k.split(".")[0] in OWNERS))
+def test_the_code_using_a_value_refuses_what_the_config_refuses_in_the_same_words(base_cfg, key, tmp_path):
+    group, name = key.split(".", 1)
+    build, error, prefix = OWNERS[group]
     cfg = copy.deepcopy(base_cfg)
     value = BAD[key][0] if key in BAD else BAD_CHOICE[key][0]
     config.OmegaConf.update(cfg, key, value)
     with pytest.raises(UserError) as from_config:
         validate(cfg)
-    with pytest.raises(UserError) as from_module:
-        ImageFolderDataModule(root=str(tmp_path), **{key.removeprefix("data."): value})
-    assert str(from_module.value) == str(from_config.value)
+    with pytest.raises(error) as from_owner:
+        build(tmp_path, **{name: value})
+    assert f"{prefix}{from_owner.value}" == str(from_config.value)
 
 
 @pytest.mark.parametrize(

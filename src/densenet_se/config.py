@@ -179,18 +179,8 @@ def _batches(open_low: bool = False) -> Range:
 
 # key -> allowed values (choices, or a Range)
 _RULES: dict[str, Rule] = {
-    "model.se_placement": ("head", "blocks", "none"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step", "plateau"),
-    "model.growth_rate": at_least(1),
-    "model.num_init_features": at_least(1),
-    "model.bn_size": at_least(1),
-    "model.compression_rate": interval(0, 1, "(]"),
-    "model.drop_rate": interval(0, 1, "[)"),
-    "model.se_reduction": at_least(1),
-    "model.block_config": Range(
-        lambda v: len(v) >= 1 and all(int(b) >= 1 for b in v), "a non-empty list of integers >= 1"
-    ),
     "optim.lr": interval(0, 10, "(]"),
     "optim.weight_decay": Range(lambda v: v >= 0.0, "a number >= 0"),
     "optim.momentum": interval(0, 1, "[)"),
@@ -216,9 +206,15 @@ _RULES: dict[str, Rule] = {
 def rules() -> dict[str, Rule]:
     """Every checked key of the train config (`data.image_size`, ...) and its allowed values, each read from the
     code that uses the value (the data module, ...) except the run's own and the trainer's."""
-    from densenet_se.data.datamodule import ALLOWED as DATA  # imported here: it needs torch and Lightning
+    # Imported here: they need torch and Lightning, and a config error is reported before those load.
+    from densenet_se.data.datamodule import ALLOWED as DATA
+    from densenet_se.models.densenet import ALLOWED as MODEL
 
-    return {**{f"data.{k}": rule for k, rule in DATA.items()}, **_RULES}
+    owners = {"data": DATA, "model": MODEL}
+    return {
+        **{f"{group}.{k}": rule for group, table in owners.items() for k, rule in table.items()},
+        **_RULES,
+    }
 
 
 def validate(cfg: DictConfig) -> None:

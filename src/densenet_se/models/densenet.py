@@ -10,19 +10,21 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from densenet_se.checks import Range, Rule, at_least, interval, problem
 from densenet_se.models.se import SqueezeExcitation
 
-SE_PLACEMENTS = ("none", "head", "blocks")
+SE_PLACEMENTS = ("head", "blocks", "none")
 DENSENET121_LAYOUT = {
     "growth_rate": 32,
     "block_config": (6, 12, 24, 16),
@@ -41,6 +43,25 @@ LAYOUT_KEYS = (
     "se_reduction",
     "se_placement",
 )
+# Allowed values of the DenseNetSE arguments: checked here (ValueError) and, as model.*, by config.validate.
+ALLOWED: dict[str, Rule] = {
+    "growth_rate": at_least(1),
+    "block_config": Range(
+        lambda v: (
+            isinstance(v, Sequence)
+            and not isinstance(v, (str, bytes))
+            and len(v) >= 1
+            and all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in v)
+        ),
+        "a non-empty list of integers >= 1",
+    ),
+    "num_init_features": at_least(1),
+    "bn_size": at_least(1),
+    "compression_rate": interval(0, 1, "(]"),
+    "drop_rate": interval(0, 1, "[)"),
+    "se_reduction": at_least(1),
+    "se_placement": SE_PLACEMENTS,
+}
 
 
 class _DenseLayer(nn.Module):
@@ -176,16 +197,15 @@ class DenseNetSE(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        num_classes = _check_int("num_classes", num_classes, 2)
-        growth_rate = _check_int("growth_rate", growth_rate, 1)
-        block_config = _check_block_config(block_config)
-        num_init_features = _check_int("num_init_features", num_init_features, 1)
-        bn_size = _check_int("bn_size", bn_size, 1)
-        compression_rate = _check_real("compression_rate", compression_rate, "(0, 1]", lambda v: 0 < v <= 1)
-        drop_rate = _check_real("drop_rate", drop_rate, "[0, 1)", lambda v: 0 <= v < 1)
-        se_reduction = _check_int("se_reduction", se_reduction, 1)
-        if se_placement not in SE_PLACEMENTS:
-            raise ValueError(f"se_placement must be one of {', '.join(SE_PLACEMENTS)}, got {se_placement!r}")
+        num_classes = int(_argument("num_classes", num_classes, Integral, at_least(2)))
+        growth_rate = int(_argument("growth_rate", growth_rate, Integral))
+        block_config = tuple(int(n) for n in _argument("block_config", block_config, Sequence))
+        num_init_features = int(_argument("num_init_features", num_init_features, Integral))
+        bn_size = int(_argument("bn_size", bn_size, Integral))
+        compression_rate = float(_argument("compression_rate", compression_rate, Real))
+        drop_rate = float(_argument("drop_rate", drop_rate, Real))
+        se_reduction = int(_argument("se_reduction", se_reduction, Integral))
+        _argument("se_placement", se_placement, str)
         if not isinstance(memory_efficient, bool):
             raise ValueError(f"memory_efficient must be true or false, got {memory_efficient!r}")
         _check_pretrained(pretrained)
@@ -256,27 +276,16 @@ class DenseNetSE(nn.Module):
         return self.classifier(x.mean((2, 3)))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, interval: str, ok: Callable[[float], bool]) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not ok(float(value)):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
-def _check_block_config(value: object) -> tuple[int, ...]:
-    message = (
-        f"block_config must be a non-empty list of integers >= 1 (layers per dense block), got {value!r}"
-    )
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+def _argument(name: str, value: object, kind: type, rule: Rule | None = None) -> Any:
+    """`value` if it is a `kind` its rule (ALLOWED[name]) allows, else ValueError in the words of the rule."""
+    rule = ALLOWED[name] if rule is None else rule
+    if isinstance(rule, tuple) or (isinstance(value, kind) and not isinstance(value, (bool, str, bytes))):
+        message = problem(name, value, rule)
+    else:
+        message = f"{name}={value!r} is out of range; it must be {rule.words}."
+    if message:
         raise ValueError(message)
-    if any(isinstance(n, bool) or not isinstance(n, Integral) or n < 1 for n in value):
-        raise ValueError(message)
-    return tuple(int(n) for n in value)
+    return value
 
 
 def _check_pretrained(value: object) -> None:
