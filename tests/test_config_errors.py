@@ -13,6 +13,7 @@ from densenet_se.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
+from densenet_se.module import DenseNetSEClassifier
 from helpers.config import compose_cfg
 from helpers.runs import run_train
 
@@ -113,6 +114,7 @@ def test_unknown_choices_list_the_allowed_ones(base_cfg, key):
 OWNERS = {
     "data": (lambda tmp, **kw: ImageFolderDataModule(root=str(tmp), **kw), UserError, ""),
     "model": (lambda tmp, **kw: DenseNetSE(2, **kw), ValueError, "model."),
+    "optim": (lambda tmp, **kw: DenseNetSEClassifier(2, block_config=[1], **kw), UserError, ""),
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from densenet_se.checks import Range, Rule, at_least, interval, problem
+from densenet_se.checks import Range, Rule, at_least, problem
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
 
@@ -177,15 +177,9 @@ def _batches(open_low: bool = False) -> Range:
     return Range(ok, "a fraction in [0, 1] or a number of batches >= 0")
 
 
-# key -> allowed values (choices, or a Range)
+# The run's own keys and Lightning's Trainer arguments -> allowed values; data.*, model.* and optim.* live with
+# the code that uses them (see rules()).
 _RULES: dict[str, Rule] = {
-    "optim.optimizer": ("adam", "adamw", "sgd"),
-    "optim.scheduler": ("none", "cosine", "step", "plateau"),
-    "optim.lr": interval(0, 10, "(]"),
-    "optim.weight_decay": Range(lambda v: v >= 0.0, "a number >= 0"),
-    "optim.momentum": interval(0, 1, "[)"),
-    "optim.warmup_epochs": at_least(0),
-    "optim.label_smoothing": interval(0, 1, "[)"),
     "seed": Range(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     # Lightning accepts some of these and fails later (a modulo by zero) or trains nothing.
     "trainer.max_epochs": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
@@ -209,8 +203,9 @@ def rules() -> dict[str, Rule]:
     # Imported here: they need torch and Lightning, and a config error is reported before those load.
     from densenet_se.data.datamodule import ALLOWED as DATA
     from densenet_se.models.densenet import ALLOWED as MODEL
+    from densenet_se.module import ALLOWED as OPTIM
 
-    owners = {"data": DATA, "model": MODEL}
+    owners = {"data": DATA, "model": MODEL, "optim": OPTIM}
     return {
         **{f"{group}.{k}": rule for group, table in owners.items() for k, rule in table.items()},
         **_RULES,

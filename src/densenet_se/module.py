@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -16,8 +17,42 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
+
+# optim.optimizer -> the optimiser over `params` with the module's hyperparameters `hp`.
+OPTIMIZERS: dict[str, Callable[[Iterator[nn.Parameter], Any], torch.optim.Optimizer]] = {
+    "adam": lambda params, hp: torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay),
+    "adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay),
+    "sgd": lambda params, hp: torch.optim.SGD(
+        params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
+    ),
+}
+# optim.scheduler -> the per-epoch schedule of `opt` over `max_epochs` (None: a constant rate, after any warm-up).
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, Any, int], Any]] = {
+    "none": lambda opt, hp, max_epochs: None,
+    "cosine": lambda opt, hp, max_epochs: torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=max(max_epochs - hp.warmup_epochs, 1)
+    ),
+    "step": lambda opt, hp, max_epochs: torch.optim.lr_scheduler.StepLR(
+        opt, step_size=max(max_epochs // 3, 1), gamma=0.1
+    ),
+    # On val/acc, without warm-up.
+    "plateau": lambda opt, hp, max_epochs: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=0.1, patience=3
+    ),
+}
+# Allowed values of the optim.* settings: checked here and by config.validate.
+ALLOWED: dict[str, Rule] = {
+    "optimizer": tuple(OPTIMIZERS),
+    "scheduler": tuple(SCHEDULERS),
+    "lr": interval(0, 10, "(]"),
+    "weight_decay": Range(lambda v: v >= 0.0, "a number >= 0"),
+    "momentum": interval(0, 1, "[)"),
+    "warmup_epochs": at_least(0),
+    "label_smoothing": interval(0, 1, "[)"),
+}
 
 MODEL_KEYS = (
     "growth_rate",
@@ -98,6 +133,7 @@ class DenseNetSEClassifier(L.LightningModule):
             }
         )
         hp = self.hparams
+        check({k: hp[k] for k in ALLOWED}, ALLOWED, "optim.")
         if hp.class_weights is not None and len(hp.class_weights) != num_classes:
             raise UserError(
                 f"optim.class_weights has {len(hp.class_weights)} values but the data has {num_classes} classes "
@@ -232,19 +268,7 @@ class DenseNetSEClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = self.parameters()
-        if hp.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
-            )
-        else:
-            raise UserError(
-                f"optim.optimizer={hp.optimizer!r} is not allowed; choose one of: adam, adamw, sgd."
-            )
+        opt = OPTIMIZERS[hp.optimizer](self.parameters(), hp)
         scheduler = self._scheduler(opt)
         if scheduler is None:
             return opt
@@ -253,21 +277,9 @@ class DenseNetSEClassifier(L.LightningModule):
     def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
         hp = self.hparams
         max_epochs = max(int(self.trainer.max_epochs or 1), 1) if self._trainer is not None else 1
-        if hp.scheduler == "none":
-            main = None
-        elif hp.scheduler == "cosine":
-            main = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=max(max_epochs - hp.warmup_epochs, 1)
-            )
-        elif hp.scheduler == "step":
-            main = torch.optim.lr_scheduler.StepLR(opt, step_size=max(max_epochs // 3, 1), gamma=0.1)
-        elif hp.scheduler == "plateau":
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=3)
-            return {"scheduler": plateau, "monitor": "val/acc", "interval": "epoch"}
-        else:
-            raise UserError(
-                f"optim.scheduler={hp.scheduler!r} is not allowed; choose one of: none, cosine, step, plateau."
-            )
+        main = SCHEDULERS[hp.scheduler](opt, hp, max_epochs)
+        if isinstance(main, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {"scheduler": main, "monitor": "val/acc", "interval": "epoch"}
         if hp.warmup_epochs > 0:
             warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=hp.warmup_epochs)
             main = (
