@@ -116,6 +116,20 @@ def test_split_file_is_required_and_checked(run_dir, tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.image_size=16", "data.image_size=16 is out of range; it must be an integer >= 32."),
+        ("data.batch_size=0", "data.batch_size=0 is out of range; it must be an integer >= 1."),
+    ],
+)
+def test_eval_data_settings_follow_trainings_rules(tmp_path, override, message):
+    cfg = eval_cfg(tmp_path, [override, f"data.root={tmp_path}"])
+    with pytest.raises(UserError) as err:
+        evaluate.data_settings(cfg, {"image_size": 32}, {}, None)
+    assert str(err.value) == message
+
+
 def test_compute_metrics_per_class_values():
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
     labels = torch.tensor([0, 0, 0, 1, 1])

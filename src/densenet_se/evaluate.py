@@ -24,7 +24,9 @@ from torchmetrics.classification import (
 )
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
+from densenet_se.checks import check
 from densenet_se.config import EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered in config)
+from densenet_se.data.datamodule import ALLOWED as DATA_ALLOWED
 from densenet_se.data.images import MAX_IMAGE_PIXELS
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
@@ -121,11 +123,8 @@ def data_settings(
             image_size,
             hparams["image_size"],
         )
-    if image_size < 32:
-        raise UserError(f"data.image_size={image_size} must be at least 32 pixels.")
     batch_size = int(given.get("batch_size", base.get("batch_size", 32)))
-    if batch_size < 1:
-        raise UserError(f"data.batch_size={batch_size} must be at least 1.")
+    check({"image_size": image_size, "batch_size": batch_size}, DATA_ALLOWED, "data.")  # training's own rules
     max_pixels = int(given.get("max_image_pixels", base.get("max_image_pixels", MAX_IMAGE_PIXELS)))
     return EvalData(root, image_size, batch_size, max_pixels, bool(base.get("demo", False)))
 
