@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression_rate")
 LAYOUTS = {"tiny": "densenet_tiny_se", "121": "densenet121_se", "121-narrow": "densenet121_se"}
 NARROW = {"growth_rate": 12, "num_init_features": 24}
 VARIANTS = {
@@ -51,10 +50,11 @@ def layout(name: str) -> dict:
     from omegaconf import OmegaConf
 
     from densenet_se.config import compose_train_config
+    from densenet_se.models.densenet import DENSENET121_LAYOUT
 
     cfg = compose_train_config([f"model={LAYOUTS[name]}"], ROOT, ROOT / "conf")
     model = OmegaConf.to_container(cfg.model)
-    chosen = {k: model[k] for k in LAYOUT_KEYS}
+    chosen = {k: model[k] for k in DENSENET121_LAYOUT}  # the layout keys, with this file's values
     if name == "121-narrow":
         chosen.update(NARROW)
     chosen["se_reduction"] = model["se_reduction"]

@@ -194,10 +194,12 @@ def test_bad_config_as_a_subprocess_prints_one_line_and_exits_2(tmp_path):
 
 def test_yaml_defaults_mirror_schema_and_constructors():
     import inspect
+    from dataclasses import fields
 
     from densenet_se.config import DataConfig, ModelConfig, OptimConfig
     from densenet_se.data import ImageFolderDataModule
     from densenet_se.models import DenseNetSE
+    from densenet_se.models.densenet import MODEL_KEYS
     from densenet_se.module import DenseNetSEClassifier
 
     for yaml_name, schema in (
@@ -223,15 +225,10 @@ def test_yaml_defaults_mirror_schema_and_constructors():
             default = params[key].default
             default = list(default) if isinstance(default, tuple) else default
             assert default == value, f"{schema.__name__}.{key}: {default!r} != {value!r}"
+    # model.* is the network's arguments (MODEL_KEYS, from its signature) plus the classifier's own two.
+    assert [f.name for f in fields(ModelConfig)] == [*MODEL_KEYS, "channels_last", "compile"]
     model_params = inspect.signature(DenseNetSE.__init__).parameters
-    for key in (
-        "growth_rate",
-        "block_config",
-        "se_reduction",
-        "se_placement",
-        "memory_efficient",
-        "pretrained",
-    ):
+    for key in MODEL_KEYS:
         default = model_params[key].default
         assert (list(default) if isinstance(default, tuple) else default) == OmegaConf.structured(
             ModelConfig

@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
+from densenet_se.models.densenet import MODEL_KEYS
 
 # optim.optimizer -> the optimiser over `params` with the module's hyperparameters `hp`.
 OPTIMIZERS: dict[str, Callable[[Iterator[nn.Parameter], Any], torch.optim.Optimizer]] = {
@@ -53,19 +54,6 @@ ALLOWED: dict[str, Rule] = {
     "warmup_epochs": at_least(0),
     "label_smoothing": interval(0, 1, "[)"),
 }
-
-MODEL_KEYS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression_rate",
-    "drop_rate",
-    "se_reduction",
-    "se_placement",
-    "memory_efficient",
-    "pretrained",
-)
 
 
 class DenseNetSEClassifier(L.LightningModule):

@@ -7,6 +7,7 @@ depend on them. SE modules live under names torchvision never uses (``se``, ``fe
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from densenet_se.checks import Range, Rule, at_least, interval, problem
 from densenet_se.models.se import SqueezeExcitation
 
 SE_PLACEMENTS = ("head", "blocks", "none")
+# The DenseNet layout arguments, with DenseNet-121's values (the layout pretrained="imagenet" needs).
 DENSENET121_LAYOUT = {
     "growth_rate": 32,
     "block_config": (6, 12, 24, 16),
@@ -32,17 +34,8 @@ DENSENET121_LAYOUT = {
     "bn_size": 4,
     "compression_rate": 0.5,
 }
-
 # The DenseNetSE arguments that fix the keys and shapes of its state dict (export sidecars, resume checks).
-LAYOUT_KEYS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression_rate",
-    "se_reduction",
-    "se_placement",
-)
+LAYOUT_KEYS = (*DENSENET121_LAYOUT, "se_reduction", "se_placement")
 # Allowed values of the DenseNetSE arguments: checked here (ValueError) and, as model.*, by config.validate.
 ALLOWED: dict[str, Rule] = {
     "growth_rate": at_least(1),
@@ -219,13 +212,8 @@ class DenseNetSE(nn.Module):
 
         self.num_classes = num_classes
         self.se_placement = se_placement
-        self.layout = {
-            "growth_rate": growth_rate,
-            "block_config": block_config,
-            "num_init_features": num_init_features,
-            "bn_size": bn_size,
-            "compression_rate": compression_rate,
-        }
+        checked = locals()  # the arguments as checked above
+        self.layout = {key: checked[key] for key in DENSENET121_LAYOUT}
 
         self.features = nn.Sequential(
             OrderedDict(
@@ -310,6 +298,14 @@ def _block_channels(
                 )
             num_features = int(num_features * compression_rate)
     return channels
+
+
+# Every DenseNetSE argument but num_classes, from its signature: the model.* keys that build the network.
+MODEL_KEYS = tuple(
+    name
+    for name, param in inspect.signature(DenseNetSE.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 # Pretrained weights -------------------------------------------------------------------------------------
