@@ -18,10 +18,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from densenet_se import plots
 from densenet_se.io import atomic_write_text
+from densenet_se.metrics import BEST, BEST_KEY, MONITOR, best_sign, epoch_keys
 
 log = logging.getLogger("densenet_se")
 
-EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc", "val_f1")
+# metrics.json per epoch: `train_acc`, `train_loss`, `val_acc`, ... (densenet_se.metrics.METRICS)
+EPOCH_KEYS = epoch_keys()
 
 
 def _scalar(metrics: dict[str, Any], key: str) -> float | None:
@@ -119,10 +121,8 @@ class RunReport(L.Callback):
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         for key in EPOCH_KEYS:
             row[key] = _scalar(metrics, key.replace("_", "/", 1))
-        if self._validated_epoch != trainer.current_epoch:
-            row["val_loss"] = row["val_acc"] = row["val_auroc"] = row["val_f1"] = (
-                None  # no validation this epoch
-            )
+        if self._validated_epoch != trainer.current_epoch:  # no validation this epoch
+            row.update({key: None for key in EPOCH_KEYS if key.startswith("val_")})
         row["seconds"] = round(seconds, 3)
         self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
         self.total_seconds += row["seconds"]  # the rounded epoch times, so the total is their sum
@@ -154,11 +154,12 @@ class RunReport(L.Callback):
 
     # ------------------------------------------------------------------------------------------------ reports
     def best(self) -> dict[str, Any] | None:
-        """The epoch with the highest validation accuracy (the first one on ties, like ModelCheckpoint)."""
-        scored = [r for r in self.epochs if r.get("val_acc") is not None]
+        """The epoch with the best validation value of metrics.BEST, accuracy (the first on ties, like ModelCheckpoint)."""
+        key = f"val_{BEST}"
+        scored = [r for r in self.epochs if r.get(key) is not None]
         if not scored:
             return None
-        return max(scored, key=lambda r: (r["val_acc"], -r["epoch"]))
+        return max(scored, key=lambda r: (best_sign() * r[key], -r["epoch"]))
 
     def summary(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         best = self.best()
@@ -167,7 +168,7 @@ class RunReport(L.Callback):
             path = getattr(trainer.checkpoint_callback, "best_model_path", "")
             best_path = str(Path(path).resolve()) if path else None
         return {
-            "best_val_acc": best["val_acc"] if best else None,
+            BEST_KEY: best[f"val_{BEST}"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             "best_checkpoint": best_path,
             "class_names": self.class_names,
@@ -212,7 +213,7 @@ class RunReport(L.Callback):
         flat = {k: _hparam_value(v) for k, v in _flatten(self.hparams).items()}
         # Declare the metric without writing a placeholder value: the dashboard then shows the run's latest
         # `val/acc_best` scalar, never a stale -1.
-        exp, ssi, sei = hparams_summary(flat, {"val/acc_best": math.nan})
+        exp, ssi, sei = hparams_summary(flat, {f"{MONITOR}_best": math.nan})
         writer = tb.experiment._get_file_writer()
         for summary in (exp, ssi, sei):
             writer.add_summary(summary)

@@ -16,6 +16,7 @@ from densenet_se.cli import check_multirun_launch
 from densenet_se.config import plain, trainer_arguments, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
+from densenet_se.metrics import BEST, MONITOR
 from densenet_se.module import DenseNetSEClassifier
 from densenet_se.overrides import closest
 from densenet_se.resume import prepare_resume
@@ -198,12 +199,13 @@ def run(cfg: DictConfig) -> float | None:
     best = report.best()
     if best is not None:
         log.info(
-            "best val/acc %.4f at epoch %d; checkpoint %s",
-            best["val_acc"],
+            "best %s %.4f at epoch %d; checkpoint %s",
+            MONITOR,
+            best[f"val_{BEST}"],
             best["epoch"] + 1,
             report.summary(trainer)["best_checkpoint"],
         )
-    return best["val_acc"] if best else None
+    return best[f"val_{BEST}"] if best else None
 
 
 __all__ = ["run", "build_datamodule", "build_module"]
