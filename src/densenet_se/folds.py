@@ -13,18 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from densenet_se.io import atomic_write_text, csv_text
+from densenet_se.metrics import column_title, summary_keys
 from densenet_se.overrides import override_key, override_value
 
 FOLDS_CSV = "sweep_folds.csv"
 FOLD_KEY = "data.fold"
-# (row key, column title in the markdown table)
-FOLD_METRICS = (
-    ("best_val_acc", "best val acc"),
-    ("test_acc", "test acc"),
-    ("test_f1", "test f1"),
-    ("test_auroc", "test auroc"),
-    ("test_loss", "test loss"),
-)
+# (row key, column title in the markdown table): the best validation value, then each test metric (METRICS).
+FOLD_METRICS = tuple((key, column_title(key)) for key in summary_keys())
 
 
 def _overrides(row: dict[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ from densenet_se import distributed
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
 from densenet_se.io import atomic_write_text, csv_text
+from densenet_se.metrics import BEST_KEY, best_sign, column_title, logged
 from densenet_se.overrides import override_key
 
 log = logging.getLogger("densenet_se")
@@ -32,21 +33,19 @@ SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MD = "sweep_summary.md"
 # Longer job directory names are cut and end in a hash of the full name (names stay unique and valid).
 MAX_DIRNAME = 100
+# The metrics each job reports: the best validation value, then every metric of the test split (METRICS).
+TEST_KEYS = tuple(m.name for m in logged("test"))
 CSV_COLUMNS = (
     "job",
     "status",
     "overrides",
-    "best_val_acc",
+    BEST_KEY,
     "best_epoch",
-    "test_acc",
-    "test_f1",
-    "test_auroc",
-    "test_loss",
+    *(f"test_{name}" for name in TEST_KEYS),
     "seconds",
     "run_dir",
     "error",
 )
-TEST_KEYS = ("acc", "f1", "auroc", "loss")
 
 
 # ---------------------------------------------------------------------------------------------- resolvers
@@ -179,7 +178,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any] | None:
         "job": num,
         "status": state,
         "overrides": " ".join(_job_overrides(job_dir, status)),
-        "best_val_acc": metrics.get("best_val_acc"),
+        BEST_KEY: metrics.get(BEST_KEY),
         "best_epoch": metrics.get("best_epoch"),
         **{f"test_{k}": test.get(k) for k in TEST_KEYS},
         "seconds": (status or {}).get("seconds", metrics.get("total_seconds")),
@@ -228,25 +227,26 @@ def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
         f"Sweep directory: `{sweep_dir}`  ",
         f"Jobs: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})  ",
     ]
-    scored = [r for r in rows if isinstance(r["best_val_acc"], (int, float)) and r["status"] == "completed"]
+    scored = [r for r in rows if isinstance(r[BEST_KEY], (int, float)) and r["status"] == "completed"]
     if scored:
-        best = max(scored, key=lambda r: (r["best_val_acc"], -r["job"]))
+        best = max(scored, key=lambda r: (best_sign() * r[BEST_KEY], -r["job"]))
         lines.append(
-            f"Best: job {best['job']}, best val acc {best['best_val_acc']:.4f}, `{best['run_dir']}`  "
+            f"Best: job {best['job']}, {column_title(BEST_KEY)} {best[BEST_KEY]:.4f}, `{best['run_dir']}`  "
         )
     common, varying = _varying(rows)
     if common:
         lines.append(f"Overrides of every job: `{' '.join(common)}`  ")
-    with_test = any(r["test_acc"] is not None for r in rows)
-    header = ["job", "status", "overrides", "best val acc", "best epoch"]
-    header += ["test acc", "test f1", "test auroc"] if with_test else []
+    # The test scores (the loss is in the CSV), when some job had a test split.
+    tests = [f"test_{m.name}" for m in logged("test", scored=True)]
+    if not any(r[key] is not None for r in rows for key in tests):
+        tests = []  # no job had a test split: no test columns
+    header = ["job", "status", "overrides", column_title(BEST_KEY), "best epoch", *map(column_title, tests)]
     header += ["seconds", "run dir", "error"]
     lines += folds_markdown(aggregate_folds(rows))  # a data.fold=range(K) sweep: mean ± std per setting
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, own in zip(rows, varying, strict=True):
-        cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row["best_val_acc"]]
-        cells += [row["best_epoch"]]
-        cells += [row["test_acc"], row["test_f1"], row["test_auroc"]] if with_test else []
+        cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row[BEST_KEY]]
+        cells += [row["best_epoch"], *(row[key] for key in tests)]
         seconds = f"{row['seconds']:.1f}" if isinstance(row["seconds"], (int, float)) else row["seconds"]
         cells += [seconds, f"`{row['run_dir']}`", row["error"]]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
