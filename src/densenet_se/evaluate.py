@@ -16,12 +16,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
 from densenet_se.checks import check
@@ -30,6 +25,7 @@ from densenet_se.data.datamodule import ALLOWED as DATA_ALLOWED
 from densenet_se.data.images import MAX_IMAGE_PIXELS
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.metrics import logged
 from densenet_se.predict import probabilities
 
 log = logging.getLogger("densenet_se")
@@ -189,18 +185,11 @@ def load_split_images(
 def compute_metrics(
     probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], positive_class: str | None
 ) -> dict[str, Any]:
-    """Flat metrics; acc/f1/auroc are the torchmetrics definitions training logs (micro acc, macro F1/AUROC)."""
+    """Flat metrics; acc/f1/auroc are the definitions training logs on its test split (densenet_se.metrics)."""
     k = len(class_names)
-    acc = MulticlassAccuracy(k, average="micro")(probs, labels)
-    f1 = MulticlassF1Score(k, average="macro")(probs, labels)
-    auroc = MulticlassAUROC(k, average="macro")(probs, labels)
     matrix = [[int(v) for v in row] for row in MulticlassConfusionMatrix(k)(probs, labels).tolist()]
-    out: dict[str, Any] = {
-        "n": int(labels.numel()),
-        "acc": float(acc),
-        "f1": float(f1),
-        "auroc": float(auroc),
-    }
+    out: dict[str, Any] = {"n": int(labels.numel())}
+    out.update({m.name: float(m.build(k)(probs, labels)) for m in logged("test", scored=True)})
     for c, name in enumerate(class_names):
         predicted = sum(matrix[r][c] for r in range(k))
         actual = sum(matrix[c])
