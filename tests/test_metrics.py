@@ -9,7 +9,16 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from densenet_se import callbacks, folds, sweep
 from densenet_se.evaluate import compute_metrics
-from densenet_se.metrics import BEST_KEY, METRICS, by_name, epoch_keys, logged, summary_keys
+from densenet_se.metrics import (
+    BEST_KEY,
+    METRICS,
+    MONITOR,
+    best_sign,
+    by_name,
+    epoch_keys,
+    logged,
+    summary_keys,
+)
 from densenet_se.module import DenseNetSEClassifier
 
 
@@ -58,3 +67,16 @@ def test_every_list_of_metric_names_comes_from_metrics():
         ("test", module.test_metrics),
     ):
         assert sorted(collection.keys()) == sorted(m.name for m in logged(stage, scored=True))
+
+
+def test_the_yaml_callbacks_monitor_the_best_epoch_metric():
+    from omegaconf import OmegaConf
+
+    from helpers.config import CONF
+
+    mode = "max" if best_sign() > 0 else "min"
+    for name in ("default", "early_stopping"):
+        node = OmegaConf.load(CONF / "callbacks" / f"{name}.yaml")
+        watchers = [v for v in node.values() if OmegaConf.is_dict(v) and v.get("monitor")]
+        assert watchers, name
+        assert all((w.monitor, w.mode) == (MONITOR, mode) for w in watchers), name
