@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 from densenet_se import config, distributed, resolvers, sweep
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
-from densenet_se.overrides import closest
+from densenet_se.overrides import closest, comma_hint, quoting_hint
 
 log = logging.getLogger("densenet_se")
 
@@ -223,8 +224,11 @@ def describe(ex: BaseException, schema: Any = None) -> str:
             hint = f" Did you mean {group}={close}?" if close else ""
             return f"{group}={name} is not a known option; choose one of: {', '.join(ex.options)}.{hint}"
         return _first_line(str(ex))
-    if isinstance(ex, OverrideParseException):
-        return f"cannot parse the override {ex.override!r}: {_first_line(str(ex))}"
+    if isinstance(ex, OverrideParseException):  # e.g. a regular expression with ( ) [ ], unquoted
+        return quoting_hint(ex.override)
+    ambiguous = re.match(r"Ambiguous value for argument '(.*)'", str(ex)) if _is_config_error(ex) else None
+    if ambiguous:  # key=a,b without -m
+        return comma_hint(ambiguous.group(1))
     cause = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         key = str(cause.full_key)
