@@ -162,6 +162,8 @@ def test_cli_bad_checkpoint_exits_2_with_one_line(tmp_path, monkeypatch, capsys,
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_predict_py_refuses_a_malicious_checkpoint_in_a_fresh_process(tmp_path):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.ckpt"

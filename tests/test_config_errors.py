@@ -199,6 +199,8 @@ def test_a_mistyped_key_names_the_closest_valid_one():
                 assert closest_key(wrong) == key, (wrong, closest_key(wrong))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_command_line_range_error_is_one_line(tmp_path):
     proc = run_train(["trainer.accumulate_grad_batches=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

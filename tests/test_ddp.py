@@ -97,6 +97,9 @@ def test_expected_processes(trainer, processes):
     assert distributed.expected_processes(OmegaConf.create(trainer)) == processes
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.subprocess
 def test_two_process_cpu_ddp_run_evaluates_every_image_once_and_writes_reports_once(tmp_path):
     # Odd validation and test splits (7 and 5 images) with batches of 3: the processes get uneven shards.
     images = make_image_folder(tmp_path / "images", classes={"Monkeypox": 17, "Others": 12})

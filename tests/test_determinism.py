@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from densenet_se.train import run
@@ -28,6 +29,7 @@ def train(tmp_path: Path, images: Path, *extra: str) -> tuple[dict, dict]:
     return metrics, ckpt["state_dict"]
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_run(tmp_path):
     images = make_image_folder(tmp_path / "images", {"Monkeypox": 24, "Others": 24})
     first, first_weights = train(tmp_path / "a", images)

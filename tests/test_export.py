@@ -40,7 +40,7 @@ def real_batch(run_dir: Path, n: int, image_size: int) -> torch.Tensor:
     return normalize(torch.stack([load_image(f, image_size) for f in files]))
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"])
 def test_onnx_round_trip_with_dynamic_batch(run_dir, ckpt_path, tmp_path, exporter):
     result = export.run(export_cfg(tmp_path, [f"ckpt_path={ckpt_path}", f"exporter={exporter}"]))
     path = tmp_path / "model.onnx"

@@ -50,6 +50,7 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
         io.save_checkpoint({}, path, storage_options={"x": 1})
 
 
+@pytest.mark.slow
 def test_training_killed_while_writing_last_ckpt_can_still_resume_and_evaluate(tmp_path, monkeypatch):
     real_atomic_save = safety.atomic_torch_save
 

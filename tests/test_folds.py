@@ -169,6 +169,8 @@ def test_k_fold_sweep_summary_has_one_cross_validation_table(tmp_path, monkeypat
     assert [Path(p).name for p in written] == [folds.FOLDS_CSV]  # sweep_folds.csv written once
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_three_fold_sweep_summary_reports_mean_and_std(tmp_path):
     root = make_image_folder(tmp_path / "images", {"Monkeypox": 12, "Others": 12}, size=32)
     sweep_dir = tmp_path / "sweep"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.config import ROOT
 
 PACKAGE = ROOT / "src" / "densenet_se"
@@ -120,6 +122,7 @@ def test_models_and_data_import_nothing_of_the_training_stack():
                 assert not outside, f"{name} imports {sorted(outside)}"
 
 
+@pytest.mark.subprocess
 def test_entry_point_plumbing_loads_without_torch():
     code = (
         "import sys, densenet_se.cli, densenet_se.resolvers, densenet_se.overrides\n"

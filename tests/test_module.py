@@ -81,5 +81,6 @@ def test_predict_step_returns_probabilities():
     assert (probs >= 0).all()
 
 
+@pytest.mark.slow
 def test_state_dict_keys_do_not_depend_on_compile_flag():
     assert set(make().state_dict()) == set(make(compile=True).state_dict())

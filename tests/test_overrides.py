@@ -82,6 +82,8 @@ def test_a_comma_outside_a_sweep_names_its_three_meanings(tmp_path):
     assert compose_cfg(tmp_path, ["experiment_name='a,b'"]).experiment_name == "a,b"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_py_prints_the_quoting_rule_for_an_unquoted_regex(tmp_path):
     proc = run_train([f"data.group_pattern={REGEX}", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

@@ -49,6 +49,8 @@ def scalars(event_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     images = make_image_folder(tmp_path / "images", {"Monkeypox": 24, "Others": 24})
     args = [*ARGS, f"data.root={images}", f"paths.cache_dir={tmp_path / 'cache'}"]
@@ -115,6 +117,8 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     assert "resuming" in log_text and not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_missing_run_dir_is_one_line_and_creates_nothing(tmp_path):
     proc = train_py(["resume=no/such/run"], cwd=tmp_path)
     output = proc.communicate(timeout=600)[0]

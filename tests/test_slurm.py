@@ -89,6 +89,7 @@ def test_slurm_launcher_needs_a_number_of_devices():
     )
 
 
+@pytest.mark.subprocess
 def test_sbatch_script_runs_train_py_with_ddp_under_srun(tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -139,6 +140,8 @@ def test_under_srun_lightning_takes_ranks_from_slurm_and_does_not_relaunch(monke
     cli.check_multirun_launch(trainer)  # so a SLURM sweep job may use DDP
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, image_folder):
     tiny = [o for o in TINY if not o.startswith("model.se_reduction=")]
     args = [

@@ -254,6 +254,8 @@ def test_optuna_search_composes_as_a_multirun():
 
 
 # ------------------------------------------------------------------------------------------ real sweeps
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_job_sweep_of_list_values(tmp_path, image_folder):
     swept = ["model.block_config=[1,1],[1,2]"]
     proc = run_train(
@@ -307,6 +309,8 @@ def test_two_job_sweep_of_list_values(tmp_path, image_folder):
     assert "data.cache=disk" in (jobs[1] / "train.log").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, image_folder):
     swept = ["model.se_reduction=2,1000"]
     proc = run_train(
@@ -332,6 +336,8 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, image_folder)
     assert float(rows[0]["best_val_acc"]) >= 0.0 and (jobs[0] / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_optuna_search_of_two_trials(tmp_path, image_folder):
     proc = run_train(
         _sweep_args(

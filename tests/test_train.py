@@ -48,6 +48,7 @@ def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
     assert metrics["total_seconds"] >= sum(r["seconds"] for r in metrics["epochs"]) - 1e-6
 
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_best_epoch(tmp_path, image_folder):
     cfg = compose_cfg(tmp_path, [*TINY, f"data.root={image_folder}", "trainer.max_epochs=3"])
     run(cfg)
@@ -59,6 +60,8 @@ def test_best_checkpoint_holds_the_best_epoch(tmp_path, image_folder):
     assert last["epoch"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_py_subprocess_leaves_the_run_directory_contract(tmp_path, image_folder):
     out = tmp_path / "run"
     proc = run_train(
@@ -122,6 +125,8 @@ def test_train_py_subprocess_leaves_the_run_directory_contract(tmp_path, image_f
     assert [m.name.tag for m in experiment.metric_infos] == ["val/acc_best"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_runs_started_together_get_different_directories(tmp_path, image_folder):
     args = [
         *TINY,
@@ -183,6 +188,8 @@ def test_bad_config_values_exit_non_zero_with_one_line(tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_config_as_a_subprocess_prints_one_line_and_exits_2(tmp_path):
     proc = run_train(["data.val_fraction=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
