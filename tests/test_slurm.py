@@ -140,6 +140,25 @@ def test_under_srun_lightning_takes_ranks_from_slurm_and_does_not_relaunch(monke
     cli.check_multirun_launch(trainer)  # so a SLURM sweep job may use DDP
 
 
+def test_a_job_unpickled_in_a_fresh_process_registers_what_conf_needs():
+    import json
+    import pickle
+
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from densenet_se.resolvers import RESOLVERS
+
+    payload = pickle.dumps(cli.HydraJob(json.dumps))  # what submitit ships to the job
+    for name in RESOLVERS:
+        OmegaConf.clear_resolver(name)
+    ConfigStore.instance().repo.pop("train_schema.yaml", None)
+    job = pickle.loads(payload)
+    assert job.task is json.dumps
+    assert all(OmegaConf.has_resolver(name) for name in RESOLVERS)
+    assert "train_schema.yaml" in ConfigStore.instance().repo
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, image_folder):
