@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression_rate")
 LAYOUTS = {"tiny": "densenet_tiny_se", "121": "densenet121_se", "121-narrow": "densenet121_se"}
 NARROW = {"growth_rate": 12, "num_init_features": 24}
 VARIANTS = {
@@ -48,15 +47,14 @@ REFERENCES = {"none": "torchvision", "head": "none", "none_me": "none"}
 
 def layout(name: str) -> dict:
     """The network layout of conf/model/<file>.yaml (one source of truth with training), as plain values."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import densenet_se.config  # noqa: F401  (registers the schema)
+    from densenet_se.config import compose_train_config
+    from densenet_se.models.densenet import DENSENET121_LAYOUT
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={LAYOUTS[name]}"])
+    cfg = compose_train_config([f"model={LAYOUTS[name]}"], ROOT, ROOT / "conf")
     model = OmegaConf.to_container(cfg.model)
-    chosen = {k: model[k] for k in LAYOUT_KEYS}
+    chosen = {k: model[k] for k in DENSENET121_LAYOUT}  # the layout keys, with this file's values
     if name == "121-narrow":
         chosen.update(NARROW)
     chosen["se_reduction"] = model["se_reduction"]

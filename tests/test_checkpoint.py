@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env
-from crafted import tiny_checkpoint
 from densenet_se.checkpoint import build_classifier, load_checkpoint, run_dir_of
 from densenet_se.errors import UserError
-from trained import run_cli
+from helpers.config import ROOT
+from helpers.crafted import tiny_checkpoint
+from helpers.runs import run_cli, subprocess_env
 
 
 class RunsShell:
@@ -149,6 +149,8 @@ def test_cli_bad_checkpoint_exits_2_with_one_line(tmp_path, monkeypatch, capsys,
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_predict_py_refuses_a_malicious_checkpoint_in_a_fresh_process(tmp_path):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.ckpt"

@@ -10,8 +10,12 @@ import pytest
 
 from densenet_se import config
 from densenet_se.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, closest_key, validate
+from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
-from test_train import compose_cfg, run_train
+from densenet_se.models import DenseNetSE
+from densenet_se.module import DenseNetSEClassifier
+from helpers.config import compose_cfg
+from helpers.runs import run_train
 
 # key -> (an out-of-range value, the allowed values as the message states them)
 BAD: dict[str, tuple[object, str]] = {
@@ -29,7 +33,7 @@ BAD: dict[str, tuple[object, str]] = {
     "model.compression_rate": (0.0, "a number in (0, 1]"),
     "model.drop_rate": (1.0, "a number in [0, 1)"),
     "model.se_reduction": (0, "an integer >= 1"),
-    "model.block_config": ([6, 0], "a non-empty list of integers >= 1"),
+    "model.block_config": ([6, 0], "a non-empty list of integers >= 1, at most 1000 layers in all"),
     "optim.lr": (0.0, "a number in (0, 10]"),
     "optim.weight_decay": (-0.1, "a number >= 0"),
     "optim.momentum": (1.0, "a number in [0, 1)"),
@@ -66,8 +70,11 @@ def base_cfg(tmp_path_factory):
 
 
 def test_every_range_and_choice_is_tested():
-    assert set(BAD) == set(config._RANGES)
-    assert set(BAD_CHOICE) == set(config._CHOICES)
+    rules = config.rules()
+    assert set(BAD) == {key for key, rule in rules.items() if not isinstance(rule, tuple)}
+    assert {key: ", ".join(rule) for key, rule in rules.items() if isinstance(rule, tuple)} == {
+        key: allowed for key, (_, allowed) in BAD_CHOICE.items()
+    }
 
 
 def test_every_numeric_key_is_range_checked():
@@ -101,6 +108,49 @@ def test_unknown_choices_list_the_allowed_ones(base_cfg, key):
     with pytest.raises(UserError) as err:
         validate(cfg)
     assert str(err.value) == f"{key}={value!r} is not allowed; choose one of: {allowed}."
+
+
+# group -> (the code that uses its values, built with one of them; what it raises; what its message lacks)
+OWNERS = {
+    "data": (lambda tmp, **kw: ImageFolderDataModule(root=str(tmp), **kw), UserError, ""),
+    "model": (lambda tmp, **kw: DenseNetSE(2, **kw), ValueError, "model."),
+    "optim": (lambda tmp, **kw: DenseNetSEClassifier(2, block_config=[1], **kw), UserError, ""),
+}
+
+
+@pytest.mark.parametrize("key", sorted(k for k in [*BAD, *BAD_CHOICE] if k.split(".")[0] in OWNERS))
+def test_the_code_using_a_value_refuses_what_the_config_refuses_in_the_same_words(base_cfg, key, tmp_path):
+    group, name = key.split(".", 1)
+    build, error, prefix = OWNERS[group]
+    cfg = copy.deepcopy(base_cfg)
+    value = BAD[key][0] if key in BAD else BAD_CHOICE[key][0]
+    config.OmegaConf.update(cfg, key, value)
+    with pytest.raises(UserError) as from_config:
+        validate(cfg)
+    with pytest.raises(error) as from_owner:
+        build(tmp_path, **{name: value})
+    assert f"{prefix}{from_owner.value}" == str(from_config.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"data.val_fraction": 0.6, "data.test_fraction": 0.4},
+            "data.val_fraction=0.6 plus data.test_fraction=0.4 must be below 1 so that some images are left "
+            "for training.",
+        ),
+        ({"data.folds": 3, "data.fold": 3}, "data.fold=3 must be in 0..2 for data.folds=3."),
+        ({"data.fold": 2}, "data.fold=2 needs data.folds, e.g. data.folds=5 data.fold=2."),
+    ],
+)
+def test_rules_across_keys_are_the_splits_own(base_cfg, overrides, message):
+    cfg = copy.deepcopy(base_cfg)
+    for key, value in overrides.items():
+        config.OmegaConf.update(cfg, key, value)
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+    assert str(err.value) == message
 
 
 def test_a_string_where_a_number_belongs_is_a_range_error(base_cfg):
@@ -149,6 +199,8 @@ def test_a_mistyped_key_names_the_closest_valid_one():
                 assert closest_key(wrong) == key, (wrong, closest_key(wrong))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_command_line_range_error_is_one_line(tmp_path):
     proc = run_train(["trainer.accumulate_grad_batches=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

@@ -20,7 +20,7 @@ from densenet_se.data.images import (
     standardize,
 )
 from densenet_se.errors import UserError
-from imagefactory import bomb_png, noise_image, write_bad_files, write_image
+from helpers.images import bomb_png, noise_image, write_bad_files, write_image
 
 S = 32
 

@@ -18,7 +18,7 @@ from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.images import normalize
 from densenet_se.data.loaders import DeviceBatches
 from densenet_se.errors import UserError
-from imagefactory import make_tree, noise_image, write_bad_files, write_image
+from helpers.images import make_tree, noise_image, write_bad_files, write_image
 
 S = 32
 

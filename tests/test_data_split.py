@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from conftest import class_files
 from densenet_se.data.split import make_split, split_class_counts, split_counts
 from densenet_se.errors import UserError
+from helpers.images import class_files
 
 
 def test_stratified_counts_and_disjoint_cover():

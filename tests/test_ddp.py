@@ -9,10 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, make_image_folder, split_files
 from densenet_se import distributed
 from densenet_se.data import ImageFolderDataModule
-from test_train import run_train
+from helpers.config import TINY
+from helpers.images import make_image_folder, split_files
+from helpers.runs import run_train
 
 RANK_KEYS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
@@ -96,6 +97,9 @@ def test_expected_processes(trainer, processes):
     assert distributed.expected_processes(OmegaConf.create(trainer)) == processes
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.subprocess
 def test_two_process_cpu_ddp_run_evaluates_every_image_once_and_writes_reports_once(tmp_path):
     # Odd validation and test splits (7 and 5 images) with batches of 3: the processes get uneven shards.
     images = make_image_folder(tmp_path / "images", classes={"Monkeypox": 17, "Others": 12})

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import TINY, make_image_folder
 from densenet_se.train import run
-from test_train import compose_cfg
+from helpers.config import TINY, compose_cfg
+from helpers.images import make_image_folder
 
 # Dropout, augmentation and a test split on: every random draw and every report field is compared.
 ARGS = [*TINY, "model.drop_rate=0.2", "data.augment=true", "data.test_fraction=0.2", "print_config=false"]
@@ -28,6 +29,7 @@ def train(tmp_path: Path, images: Path, *extra: str) -> tuple[dict, dict]:
     return metrics, ckpt["state_dict"]
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_run(tmp_path):
     images = make_image_folder(tmp_path / "images", {"Monkeypox": 24, "Others": 24})
     first, first_weights = train(tmp_path / "a", images)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 import densenet_se.evaluate as evaluate
-from conftest import CONF, split_files
 from densenet_se.errors import UserError
-from trained import run_cli, tiny_run
+from helpers.config import CONF, task_cfg
+from helpers.images import split_files
+from helpers.runs import run_cli, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def eval_cfg(out: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
+    return task_cfg("eval", overrides, output_dir=str(out))
 
 
 def test_best_checkpoint_on_val_reproduces_training_exactly(run_dir, tmp_path):
@@ -119,6 +114,20 @@ def test_split_file_is_required_and_checked(run_dir, tmp_path):
                 tmp_path / "o", [f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "positive_class=Cat"]
             )
         )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.image_size=16", "data.image_size=16 is out of range; it must be an integer in [32, 4096]."),
+        ("data.batch_size=0", "data.batch_size=0 is out of range; it must be an integer >= 1."),
+    ],
+)
+def test_eval_data_settings_follow_trainings_rules(tmp_path, override, message):
+    cfg = eval_cfg(tmp_path, [override, f"data.root={tmp_path}"])
+    with pytest.raises(UserError) as err:
+        evaluate.data_settings(cfg, {"image_size": 32}, {}, None)
+    assert str(err.value) == message
 
 
 def test_compute_metrics_per_class_values():

@@ -10,16 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 import densenet_se.export as export
-from conftest import CONF
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.data.images import load_image, normalize
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
-from trained import run_cli, tiny_run
+from helpers.config import task_cfg
+from helpers.runs import run_cli, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +31,7 @@ def ckpt_path(run_dir: Path) -> Path:
 
 
 def export_cfg(out: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="export", overrides=overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
+    return task_cfg("export", overrides, output_dir=str(out))
 
 
 def real_batch(run_dir: Path, n: int, image_size: int) -> torch.Tensor:
@@ -46,7 +40,7 @@ def real_batch(run_dir: Path, n: int, image_size: int) -> torch.Tensor:
     return normalize(torch.stack([load_image(f, image_size) for f in files]))
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"])
 def test_onnx_round_trip_with_dynamic_batch(run_dir, ckpt_path, tmp_path, exporter):
     result = export.run(export_cfg(tmp_path, [f"ckpt_path={ckpt_path}", f"exporter={exporter}"]))
     path = tmp_path / "model.onnx"

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY, make_image_folder
 from densenet_se import safety
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.cli import describe
@@ -19,7 +18,8 @@ from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
 from densenet_se.safety import AtomicCheckpointIO, NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.train import run
-from test_train import compose_cfg
+from helpers.config import TINY, compose_cfg
+from helpers.images import make_image_folder
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):
@@ -50,6 +50,7 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
         io.save_checkpoint({}, path, storage_options={"x": 1})
 
 
+@pytest.mark.slow
 def test_training_killed_while_writing_last_ckpt_can_still_resume_and_evaluate(tmp_path, monkeypatch):
     real_atomic_save = safety.atomic_torch_save
 

@@ -8,15 +8,19 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, class_files, make_image_folder, subprocess_env
+from densenet_se import folds, sweep
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.split import make_split, split_class_counts
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, fold_of, folds_markdown, mean_std
+from helpers.config import ROOT, TINY
+from helpers.images import class_files, make_image_folder
+from helpers.runs import subprocess_env
 
 
 def test_fold_validation_sets_are_disjoint_cover_the_pool_and_are_stratified():
@@ -61,10 +65,10 @@ def test_folds_are_a_pure_function_of_files_folds_and_seed():
 @pytest.mark.parametrize(
     ("folds", "fold", "message"),
     [
-        (1, 0, "data.folds=1 must be 0 (no folds) or at least 2"),
-        (-2, 0, "data.folds=-2 must be 0 (no folds) or at least 2"),
+        (1, 0, "data.folds=1 is out of range; it must be 0 (no folds) or an integer >= 2."),
+        (-2, 0, "data.folds=-2 is out of range; it must be 0 (no folds) or an integer >= 2."),
         (5, 5, "data.fold=5 must be in 0..4 for data.folds=5"),
-        (5, -1, "data.fold=-1 must be in 0..4 for data.folds=5"),
+        (5, -1, "data.fold=-1 is out of range; it must be an integer >= 0."),
         (0, 2, "data.fold=2 needs data.folds, e.g. data.folds=5 data.fold=2"),
     ],
 )
@@ -144,6 +148,29 @@ def test_aggregate_groups_folds_by_the_other_overrides():
     assert "| (every job) | 3 of 3 | 0.8000 ± 0.1000 |" in folds_markdown(summaries[:1])
 
 
+def test_k_fold_sweep_summary_has_one_cross_validation_table(tmp_path, monkeypatch):
+    # Three finished folds as their job directories hold them: the summary needs no training.
+    for fold, acc in enumerate((0.8, 0.9, 0.7)):
+        job = tmp_path / f"{fold}_data.fold={fold}"
+        job.mkdir()
+        (job / "metrics.json").write_text(json.dumps({"best_val_acc": acc, "best_epoch": 0, "test": None}))
+        status = {"job": fold, "overrides": ["data.folds=3", f"data.fold={fold}"], "status": "completed"}
+        (job / sweep.STATUS_FILE).write_text(json.dumps({**status, "exit_code": 0, "seconds": 1.0}))
+    written = []
+    write = folds.atomic_write_text
+    monkeypatch.setattr(
+        folds, "atomic_write_text", lambda path, text: written.append(path) or write(path, text)
+    )
+    sweep.write_summary(tmp_path)
+    summary = (tmp_path / sweep.SUMMARY_MD).read_text()
+    assert summary.count("**Cross-validation: mean ± std over folds.**") == 1, summary
+    assert summary.count("| (every job) | 3 of 3 | 0.8000 ± 0.1000 |") == 1
+    assert summary.count("**Every job:**") == 1 and summary.count("| job | status |") == 1
+    assert [Path(p).name for p in written] == [folds.FOLDS_CSV]  # sweep_folds.csv written once
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_three_fold_sweep_summary_reports_mean_and_std(tmp_path):
     root = make_image_folder(tmp_path / "images", {"Monkeypox": 12, "Others": 12}, size=32)
     sweep_dir = tmp_path / "sweep"

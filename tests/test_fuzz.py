@@ -110,6 +110,7 @@ def test_every_seed_image_is_valid(tmp_path):
         assert check_image(path, LIMIT) is None, name
 
 
+@pytest.mark.slow
 def test_thousands_of_tiny_files_with_awkward_names_in_a_read_only_tree(tmp_path, monkeypatch):
     root = tmp_path / "data set ü"
     rng = np.random.default_rng(0)

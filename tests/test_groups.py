@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.groups import groups_from_pattern, leakage_warning, suggest_group_pattern
 from densenet_se.data.split import SPLITS, make_split, split_class_counts
 from densenet_se.errors import UserError
+from helpers.images import make_image_folder
 
 
 def _augmented(sources: list[int], seed: int = 0) -> tuple[list[str], list[int], list[str]]:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_image_folder
-from crafted import checkpoint_run
 from densenet_se.errors import UserError
 from densenet_se.train import run
-from test_train import compose_cfg
-from trained import run_cli
+from helpers.config import TINY, compose_cfg
+from helpers.crafted import checkpoint_run
+from helpers.images import make_image_folder
+from helpers.runs import run_cli
 
 CLASSES = {"a": 2, "b": 2, "c": 2}  # tiny_checkpoint's classes
 

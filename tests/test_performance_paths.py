@@ -21,10 +21,10 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import ROOT, TINY, subprocess_env
 from densenet_se.data.loaders import DeviceBatches
 from densenet_se.train import build_datamodule, build_module
-from test_train import compose_cfg
+from helpers.config import ROOT, TINY, compose_cfg
+from helpers.runs import subprocess_env
 
 
 def test_gpu_preset_sets_the_fast_path(tmp_path):
@@ -75,6 +75,7 @@ def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
     return L.Trainer(**args)
 
 
+@pytest.mark.slow
 def test_device_cache_channels_last_and_compile_train_on_cpu(tmp_path, image_folder, monkeypatch):
     # Correctness only: inductor's C++ code generation takes minutes on a cold cache, so the graphs that
     # dynamo captures run through AOTAutograd's eager backend (the same tracing and autograd, no codegen).
@@ -225,6 +226,8 @@ def test_compare_notebook_prints_its_table(capsys):
     assert any("train 12 + val 4 images per epoch" in line for line in lines)  # 2 x 8 images, 80/20 split
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_model_throughput_prints_its_table():
     args = ["--steps", "1", "--warmup", "0", "--repeats", "1", "--image-size", "32", "--batch-size", "4"]
     proc = _script("model_throughput.py", *args, "--variants", "none", "none_me")
@@ -237,6 +240,7 @@ def test_model_throughput_prints_its_table():
     assert 0 < float(memory) < 1.0  # recomputing the bottlenecks keeps fewer tensors alive
 
 
+@pytest.mark.slow
 def test_gpu_notebook_runs_its_throughput_part_on_cpu(capsys):
     gpu = _benchmark_module("gpu_notebook")
     args = [

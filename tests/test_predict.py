@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import densenet_se.predict as predict
-from conftest import CONF
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.data.images import load_image, normalize
 from densenet_se.errors import UserError
 from densenet_se.explain import GradCAM
-from trained import run_cli, tiny_run
+from helpers.config import task_cfg
+from helpers.runs import run_cli, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,7 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 
 def predict_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="predict", overrides=overrides)
+    return task_cfg("predict", overrides)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

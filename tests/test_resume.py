@@ -15,12 +15,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, make_image_folder, subprocess_env
-from densenet_se.callbacks import EPOCH_KEYS
+from densenet_se.callbacks import EPOCH_KEYS, SeedEachEpoch
 from densenet_se.errors import UserError
-from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, SeedEachEpoch, find_run_dir, resumed_config
+from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, find_run_dir, resumed_config
 from densenet_se.train import run
-from test_train import compose_cfg
+from helpers.config import ROOT, TINY, compose_cfg
+from helpers.images import make_image_folder
+from helpers.runs import subprocess_env
 
 # Dropout and augmentation on: a resumed run must also repeat their random draws.
 ARGS = [*TINY, "trainer.max_epochs=3", "model.drop_rate=0.2", "data.augment=true", "print_config=false"]
@@ -48,6 +49,8 @@ def scalars(event_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     images = make_image_folder(tmp_path / "images", {"Monkeypox": 24, "Others": 24})
     args = [*ARGS, f"data.root={images}", f"paths.cache_dir={tmp_path / 'cache'}"]
@@ -65,7 +68,7 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
         [
             *args,
             f"hydra.run.dir='{run_dir}'",
-            "+callbacks.pause._target_=faultinject.PauseAtBatch",
+            "+callbacks.pause._target_=helpers.faultinject.PauseAtBatch",
             f"+callbacks.pause.marker={marker}",
         ],
         cwd=tmp_path,
@@ -119,6 +122,8 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     assert "resuming" in log_text and not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_missing_run_dir_is_one_line_and_creates_nothing(tmp_path):
     proc = train_py(["resume=no/such/run"], cwd=tmp_path)
     output = proc.communicate(timeout=600)[0]

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import submitit
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import CONF, ROOT, TINY
-from densenet_se import distributed, sweep
+from densenet_se import cli, distributed, sweep
 from densenet_se.cli import describe
-from test_train import run_train
+from helpers.config import ROOT, TINY, hydra_cfg
+from helpers.runs import run_train
 
 SLURM_ENV = {
     "SLURM_JOB_ID": "4242",
@@ -32,17 +31,12 @@ SLURM_ENV = {
 }
 
 
-def _hydra_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
 class _Submitted(Exception):
     """Raised instead of calling sbatch."""
 
 
 def _sbatch_text(monkeypatch, overrides: list[str], tmp_path: Path) -> str:
-    cfg = _hydra_cfg(["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/sweep", *overrides])
+    cfg = hydra_cfg(["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/sweep", *overrides])
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config = cfg
     captured: list[str] = []
@@ -87,7 +81,7 @@ def test_slurm_launcher_defaults_for_a_one_device_job(monkeypatch, tmp_path):
 
 
 def test_slurm_launcher_needs_a_number_of_devices():
-    cfg = _hydra_cfg(["hydra/launcher=slurm", "trainer=ddp"])  # devices: auto
+    cfg = hydra_cfg(["hydra/launcher=slurm", "trainer=ddp"])  # devices: auto
     with pytest.raises(Exception) as info:
         instantiate(cfg.hydra.launcher)
     assert describe(info.value).startswith(
@@ -95,6 +89,7 @@ def test_slurm_launcher_needs_a_number_of_devices():
     )
 
 
+@pytest.mark.subprocess
 def test_sbatch_script_runs_train_py_with_ddp_under_srun(tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -118,7 +113,7 @@ def test_sbatch_script_runs_train_py_with_ddp_under_srun(tmp_path):
     assert proc.returncode == 0, proc.stderr
     args = record.read_text().splitlines()
     assert args[:2] == ["python", "train.py"]
-    cfg = _hydra_cfg(args[2:])
+    cfg = hydra_cfg(args[2:])
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 4)
     assert cfg.hydra.run.dir == "outputs/slurm/4242" and cfg.data.root == "/data/monkeypox"
@@ -141,10 +136,31 @@ def test_under_srun_lightning_takes_ranks_from_slurm_and_does_not_relaunch(monke
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert trainer.strategy.cluster_environment.creates_processes_externally  # srun started them
     assert trainer.global_rank == 5 and trainer.world_size == 8
-    monkeypatch.setattr(sweep, "is_multirun", lambda: True)
-    sweep.check_multirun_launch(trainer)  # so a SLURM sweep job may use DDP
+    monkeypatch.setattr(cli, "is_multirun", lambda: True)
+    cli.check_multirun_launch(trainer)  # so a SLURM sweep job may use DDP
 
 
+def test_a_job_unpickled_in_a_fresh_process_registers_what_conf_needs():
+    import json
+    import pickle
+
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from densenet_se.resolvers import RESOLVERS
+
+    payload = pickle.dumps(cli.HydraJob(json.dumps))  # what submitit ships to the job
+    for name in RESOLVERS:
+        OmegaConf.clear_resolver(name)
+    ConfigStore.instance().repo.pop("train_schema.yaml", None)
+    job = pickle.loads(payload)
+    assert job.task is json.dumps
+    assert all(OmegaConf.has_resolver(name) for name in RESOLVERS)
+    assert "train_schema.yaml" in ConfigStore.instance().repo
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, image_folder):
     tiny = [o for o in TINY if not o.startswith("model.se_reduction=")]
     args = [

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from crafted import checkpoint_run
 from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.resume import ResumeSession
-from trained import run_cli
+from helpers.crafted import checkpoint_run
+from helpers.runs import run_cli
 
 CLASSES = {"a": 2, "b": 2, "c": 2}
 

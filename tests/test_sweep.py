@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, TINY
-from densenet_se import sweep
+from densenet_se import cli, sweep
 from densenet_se.errors import UserError
-from test_train import run_train
+from helpers.config import CONF, TINY, hydra_cfg
+from helpers.runs import run_train
 
 
 def _without(keys: tuple[str, ...]) -> list[str]:
@@ -157,7 +156,7 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    cfg = _hydra_cfg(["optim.lr=0.5"])
+    cfg = hydra_cfg(["optim.lr=0.5"])
     with open_dict(cfg):
         cfg.hydra.job.num = 4
         cfg.hydra.runtime.output_dir = str(tmp_path)
@@ -169,7 +168,7 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
         raise UserError("data.root=/x does not exist: set data.root.")
 
     # None, not NaN: hydra-optuna-sweeper then marks the trial failed and goes on.
-    assert sweep.run_job(fails, task_cfg) is None
+    assert cli.run_job(fails, task_cfg) is None
     status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
     assert (status["job"], status["status"], status["exit_code"]) == (4, "failed", 2)
     assert status["error"] == "data.root=/x does not exist: set data.root." and status["overrides"] == [
@@ -179,27 +178,22 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
     def crashes(_cfg):
         raise RuntimeError("CUDA error: out of memory\nmore detail")
 
-    assert sweep.run_job(crashes, task_cfg) is None
+    assert cli.run_job(crashes, task_cfg) is None
     status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
     assert status["exit_code"] == 1 and status["error"] == "RuntimeError: CUDA error: out of memory"
 
-    assert sweep.run_job(lambda c: 0.75 if c.data.cache == "disk" else -1.0, task_cfg) == 0.75
+    assert cli.run_job(lambda c: 0.75 if c.data.cache == "disk" else -1.0, task_cfg) == 0.75
     status = json.loads((tmp_path / sweep.STATUS_FILE).read_text())
     assert (status["status"], status["value"], status["exit_code"]) == ("completed", 0.75, 0)
 
 
 # ------------------------------------------------------------------------------------------ multi-process jobs
-def _hydra_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
 def test_a_sweep_of_ddp_jobs_is_refused_unless_slurm_starts_the_processes():
     callback = sweep.SweepSummary()
     with pytest.raises(UserError, match="cannot start 2 training processes per job"):
-        callback.on_multirun_start(_hydra_cfg(["trainer=ddp_cpu"]))
-    callback.on_multirun_start(_hydra_cfg(["trainer=cpu"]))
-    callback.on_multirun_start(_hydra_cfg(["trainer=ddp_cpu", "hydra/launcher=slurm"]))
+        callback.on_multirun_start(hydra_cfg(["trainer=ddp_cpu"]))
+    callback.on_multirun_start(hydra_cfg(["trainer=cpu"]))
+    callback.on_multirun_start(hydra_cfg(["trainer=ddp_cpu", "hydra/launcher=slurm"]))
 
 
 def test_a_job_refuses_lightnings_ddp_relaunch_in_a_multirun(monkeypatch):
@@ -208,12 +202,12 @@ def test_a_job_refuses_lightnings_ddp_relaunch_in_a_multirun(monkeypatch):
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False
     )
-    sweep.check_multirun_launch(trainer)  # a single run: Lightning may re-launch the command
-    monkeypatch.setattr(sweep, "is_multirun", lambda: True)
+    cli.check_multirun_launch(trainer)  # a single run: Lightning may re-launch the command
+    monkeypatch.setattr(cli, "is_multirun", lambda: True)
     with pytest.raises(UserError, match="hydra/launcher=slurm"):
-        sweep.check_multirun_launch(trainer)
+        cli.check_multirun_launch(trainer)
     one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
-    sweep.check_multirun_launch(one)
+    cli.check_multirun_launch(one)
 
 
 # ------------------------------------------------------------------------------------------ Optuna search space
@@ -247,7 +241,7 @@ def test_every_optuna_search_combination_builds_a_model():
 
 
 def test_optuna_search_composes_as_a_multirun():
-    cfg = _hydra_cfg(["hparams_search=optuna"])
+    cfg = hydra_cfg(["hparams_search=optuna"])
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.direction == "maximize"
     assert cfg.data.cache == "disk"
     assert set(cfg.hydra.sweeper.params) == {
@@ -260,6 +254,8 @@ def test_optuna_search_composes_as_a_multirun():
 
 
 # ------------------------------------------------------------------------------------------ real sweeps
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_job_sweep_of_list_values(tmp_path, image_folder):
     swept = ["model.block_config=[1,1],[1,2]"]
     proc = run_train(
@@ -313,6 +309,8 @@ def test_two_job_sweep_of_list_values(tmp_path, image_folder):
     assert "data.cache=disk" in (jobs[1] / "train.log").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, image_folder):
     swept = ["model.se_reduction=2,1000"]
     proc = run_train(
@@ -338,6 +336,8 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, image_folder)
     assert float(rows[0]["best_val_acc"]) >= 0.0 and (jobs[0] / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_optuna_search_of_two_trials(tmp_path, image_folder):
     proc = run_train(
         _sweep_args(

@@ -11,24 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, TINY, split_files, subprocess_env
-from densenet_se.config import compose_train_config
 from densenet_se.train import run
-
-
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    return compose_train_config(overrides, tmp_path, CONF)
-
-
-def run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from helpers.config import CONF, ROOT, TINY, compose_cfg
+from helpers.images import split_files
+from helpers.runs import run_train, subprocess_env
 
 
 def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
@@ -62,6 +48,7 @@ def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
     assert metrics["total_seconds"] >= sum(r["seconds"] for r in metrics["epochs"]) - 1e-6
 
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_best_epoch(tmp_path, image_folder):
     cfg = compose_cfg(tmp_path, [*TINY, f"data.root={image_folder}", "trainer.max_epochs=3"])
     run(cfg)
@@ -73,6 +60,8 @@ def test_best_checkpoint_holds_the_best_epoch(tmp_path, image_folder):
     assert last["epoch"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_py_subprocess_leaves_the_run_directory_contract(tmp_path, image_folder):
     out = tmp_path / "run"
     proc = run_train(
@@ -136,6 +125,8 @@ def test_train_py_subprocess_leaves_the_run_directory_contract(tmp_path, image_f
     assert [m.name.tag for m in experiment.metric_infos] == ["val/acc_best"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_runs_started_together_get_different_directories(tmp_path, image_folder):
     args = [
         *TINY,
@@ -197,6 +188,8 @@ def test_bad_config_values_exit_non_zero_with_one_line(tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_config_as_a_subprocess_prints_one_line_and_exits_2(tmp_path):
     proc = run_train(["data.val_fraction=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -208,10 +201,12 @@ def test_bad_config_as_a_subprocess_prints_one_line_and_exits_2(tmp_path):
 
 def test_yaml_defaults_mirror_schema_and_constructors():
     import inspect
+    from dataclasses import fields
 
     from densenet_se.config import DataConfig, ModelConfig, OptimConfig
     from densenet_se.data import ImageFolderDataModule
     from densenet_se.models import DenseNetSE
+    from densenet_se.models.densenet import MODEL_KEYS
     from densenet_se.module import DenseNetSEClassifier
 
     for yaml_name, schema in (
@@ -237,15 +232,10 @@ def test_yaml_defaults_mirror_schema_and_constructors():
             default = params[key].default
             default = list(default) if isinstance(default, tuple) else default
             assert default == value, f"{schema.__name__}.{key}: {default!r} != {value!r}"
+    # model.* is the network's arguments (MODEL_KEYS, from its signature) plus the classifier's own two.
+    assert [f.name for f in fields(ModelConfig)] == [*MODEL_KEYS, "channels_last", "compile"]
     model_params = inspect.signature(DenseNetSE.__init__).parameters
-    for key in (
-        "growth_rate",
-        "block_config",
-        "se_reduction",
-        "se_placement",
-        "memory_efficient",
-        "pretrained",
-    ):
+    for key in MODEL_KEYS:
         default = model_params[key].default
         assert (list(default) if isinstance(default, tuple) else default) == OmegaConf.structured(
             ModelConfig

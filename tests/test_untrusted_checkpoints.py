@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env
-from crafted import (
+from densenet_se.archive import MAX_PICKLE_BYTES
+from densenet_se.checkpoint import build_classifier, load_checkpoint
+from densenet_se.errors import UserError
+from densenet_se.models.densenet import DenseNetSE, parameter_count
+from helpers.config import ROOT
+from helpers.crafted import (
     Storage,
     Tensor,
     deflate_bomb,
@@ -25,16 +29,18 @@ from crafted import (
     torch_zip,
     write_zip,
 )
-from densenet_se.archive import MAX_PICKLE_BYTES
-from densenet_se.checkpoint import build_classifier, load_checkpoint
-from densenet_se.errors import UserError
-from densenet_se.models.densenet import DenseNetSE, parameter_count
-from trained import run_cli
+from helpers.runs import run_cli, subprocess_env
 
 # hyper_parameters a hostile tester tried (and variants of them), with what the refusal must name.
 CRAFTED_HPARAMS = {
-    "layers": ({"block_config": [1_000_000]}, "block_config must be a non-empty list of at most 1000"),
-    "many_blocks": ({"block_config": [1] * 5000}, "block_config must be a non-empty list of at most 1000"),
+    "layers": (
+        {"block_config": [1_000_000]},
+        "it must be a non-empty list of integers >= 1, at most 1000 layers in all",
+    ),
+    "many_blocks": (
+        {"block_config": [1] * 5000},
+        "it must be a non-empty list of integers >= 1, at most 1000 layers in all",
+    ),
     "parameters": ({"block_config": [900], "growth_rate": 64}, "parameters, more than the 2e+08 allowed"),
     "wide_stem": ({"num_init_features": 2000, "image_size": 4096}, "GiB of activations per image"),
     "huge_int": ({"growth_rate": 2**200}, "parameters, more than the 2e+08 allowed"),
@@ -52,10 +58,13 @@ CRAFTED_HPARAMS = {
     "classes_not_str": ({"class_names": [1, 2, 3]}, "its class_names must be distinct non-empty strings"),
     "num_classes_str": ({"num_classes": "3"}, "its num_classes must be an integer >= 2, got '3'"),
     "num_classes_huge": ({"num_classes": 10**9}, "its class_names must be a list of num_classes=1000000000"),
-    "se_placement": ({"se_placement": ["head"]}, "se_placement must be one of none, head, blocks"),
+    "se_placement": ({"se_placement": ["head"]}, "is not allowed; choose one of: head, blocks, none"),
     "memory_efficient": ({"memory_efficient": "no"}, "memory_efficient must be true or false"),
     "channels_last": ({"channels_last": 1}, "its channels_last must be true or false"),
-    "compression": ({"compression_rate": float("nan")}, "compression_rate must be a number in (0, 1]"),
+    "compression": (
+        {"compression_rate": float("nan")},
+        "compression_rate=nan is out of range; it must be a number in (0, 1]",
+    ),
 }
 
 
@@ -210,7 +219,7 @@ def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
     env = {**subprocess_env(), "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "memory_limit.py"), "768", *runs[1:]],
+        [sys.executable, str(ROOT / "tests" / "helpers" / "memory_limit.py"), "768", *runs[1:]],
         cwd=tmp_path,
         env=env,
         capture_output=True,

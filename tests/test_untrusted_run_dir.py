@@ -17,14 +17,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, make_image_folder, subprocess_env
-from crafted import resumable_run
 from densenet_se.errors import UserError
 from densenet_se.resume import resumed_config
 from densenet_se.rundir import CheckpointPaths, allowed_targets, hold_run_dir, relocate_state
 from densenet_se.train import run
-from test_train import compose_cfg
-from trained import run_cli
+from helpers.config import ROOT, TINY, compose_cfg
+from helpers.crafted import resumable_run
+from helpers.images import make_image_folder
+from helpers.runs import run_cli, subprocess_env
 
 
 def _edit_config(run_dir: Path, **values: object) -> None:

@@ -1,10 +1,12 @@
-"""Run reports: metrics.json, curves.png, samples.png, confusion matrices, TensorBoard images and HParams."""
+"""Training callbacks: the run report (metrics.json, curves.png, samples.png, confusion matrices, TensorBoard images
+and HParams) and per-epoch seeding (epoch N depends on (seed, N) only, so a resumed run repeats an uninterrupted one)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from densenet_se import plots
 from densenet_se.io import atomic_write_text
+from densenet_se.metrics import BEST, BEST_KEY, MONITOR, best_sign, epoch_keys
 
 log = logging.getLogger("densenet_se")
 
-EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc", "val_f1")
+# metrics.json per epoch: `train_acc`, `train_loss`, `val_acc`, ... (densenet_se.metrics.METRICS)
+EPOCH_KEYS = epoch_keys()
 
 
 def _scalar(metrics: dict[str, Any], key: str) -> float | None:
@@ -117,10 +121,8 @@ class RunReport(L.Callback):
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         for key in EPOCH_KEYS:
             row[key] = _scalar(metrics, key.replace("_", "/", 1))
-        if self._validated_epoch != trainer.current_epoch:
-            row["val_loss"] = row["val_acc"] = row["val_auroc"] = row["val_f1"] = (
-                None  # no validation this epoch
-            )
+        if self._validated_epoch != trainer.current_epoch:  # no validation this epoch
+            row.update({key: None for key in EPOCH_KEYS if key.startswith("val_")})
         row["seconds"] = round(seconds, 3)
         self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
         self.total_seconds += row["seconds"]  # the rounded epoch times, so the total is their sum
@@ -152,11 +154,12 @@ class RunReport(L.Callback):
 
     # ------------------------------------------------------------------------------------------------ reports
     def best(self) -> dict[str, Any] | None:
-        """The epoch with the highest validation accuracy (the first one on ties, like ModelCheckpoint)."""
-        scored = [r for r in self.epochs if r.get("val_acc") is not None]
+        """The epoch with the best validation value of metrics.BEST, accuracy (the first on ties, like ModelCheckpoint)."""
+        key = f"val_{BEST}"
+        scored = [r for r in self.epochs if r.get(key) is not None]
         if not scored:
             return None
-        return max(scored, key=lambda r: (r["val_acc"], -r["epoch"]))
+        return max(scored, key=lambda r: (best_sign() * r[key], -r["epoch"]))
 
     def summary(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         best = self.best()
@@ -165,7 +168,7 @@ class RunReport(L.Callback):
             path = getattr(trainer.checkpoint_callback, "best_model_path", "")
             best_path = str(Path(path).resolve()) if path else None
         return {
-            "best_val_acc": best["val_acc"] if best else None,
+            BEST_KEY: best[f"val_{BEST}"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             "best_checkpoint": best_path,
             "class_names": self.class_names,
@@ -210,7 +213,7 @@ class RunReport(L.Callback):
         flat = {k: _hparam_value(v) for k, v in _flatten(self.hparams).items()}
         # Declare the metric without writing a placeholder value: the dashboard then shows the run's latest
         # `val/acc_best` scalar, never a stale -1.
-        exp, ssi, sei = hparams_summary(flat, {"val/acc_best": math.nan})
+        exp, ssi, sei = hparams_summary(flat, {f"{MONITOR}_best": math.nan})
         writer = tb.experiment._get_file_writer()
         for summary in (exp, ssi, sei):
             writer.add_summary(summary)
@@ -239,3 +242,52 @@ def _hparam_value(value: Any) -> int | float | str | bool:
     if isinstance(value, (list, tuple, np.ndarray)):
         return str(list(value))
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------------- seeding
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A well-mixed 32-bit seed for one stream (0: data order, 1: training steps) of one epoch of one run."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device) alike."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeedEachEpoch(L.Callback):
+    """Make epoch N depend on (seed, N) only, so epoch N of a resumed run repeats that of an uninterrupted one.
+
+    At each training epoch start: the global RNGs (dropout, augmentation) are seeded from (seed, N), and the
+    train loader's RandomSampler gets its own generator seeded from (seed, N). The sampler's generator is
+    otherwise the DataLoader's, which every `iter()` also draws from, and Lightning calls `iter()` a
+    different number of times in a resumed session than in an uninterrupted one. The sampler draws its
+    order when the first batch is fetched, after this hook, with `data.num_workers=0`; worker processes
+    prefetch earlier, so with workers the first epoch of a resumed session is shuffled differently.
+    `data.cache=device` loaders (DeviceBatches) get the same (seed, N) through their `seed` and `epoch`.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        seed_all(epoch_seed(self.seed, epoch, stream=1))
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            self._seed_order(loader, epoch)
+
+    def _seed_order(self, loader: Any, epoch: int) -> None:
+        from torch.utils.data import RandomSampler
+
+        from densenet_se.data.loaders import DeviceBatches
+
+        if isinstance(loader, DeviceBatches):
+            if loader.shuffle:  # it shuffles with seed + epoch and counts epochs itself
+                loader.seed, loader.epoch = epoch_seed(self.seed, 0, stream=2), epoch
+            return
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, stream=2))

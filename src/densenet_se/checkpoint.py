@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from densenet_se.archive import ArchiveError, load_archive
-from densenet_se.config import MAX_IMAGE_SIZE
+from densenet_se.data.images import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from densenet_se.errors import UserError, shown
 from densenet_se.models.densenet import check_feature_bytes, check_layout
 from densenet_se.module import MODEL_KEYS, DenseNetSEClassifier
@@ -126,10 +126,10 @@ def check_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     if (
         isinstance(image_size, bool)
         or not isinstance(image_size, int)
-        or not 32 <= image_size <= MAX_IMAGE_SIZE
+        or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE
     ):
         raise ValueError(
-            f"its image_size must be an integer in [32, {MAX_IMAGE_SIZE}], got {shown(image_size)}"
+            f"its image_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {shown(image_size)}"
         )
     inference = {
         "num_classes": num_classes,
@@ -145,7 +145,7 @@ def check_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         check_feature_bytes(image_size, **layout)
     except ValueError as err:
         raise ValueError(
-            f"its hyper_parameters describe a model this version refuses to build ({err})"
+            f"its hyper_parameters describe a model this version refuses to build ({str(err).rstrip('.')})"
         ) from None
     channels_last = hparams.get("channels_last", False)
     if not isinstance(channels_last, bool):

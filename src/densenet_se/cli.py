@@ -1,14 +1,19 @@
-"""Entry-point plumbing: Hydra main with errors shown as one sentence and a non-zero exit.
+"""Entry-point plumbing: Hydra main with errors shown as one sentence and a non-zero exit, and sweep jobs.
 
 A bad override, an unknown key, an out-of-range value or a missing data folder prints one line on stderr
-(`error: ...`) and exits with status 2. Set HYDRA_FULL_ERROR=1 for the full traceback.
+(`error: ...`) and exits with status 2. Set HYDRA_FULL_ERROR=1 for the full traceback. In a sweep each job runs
+through `run_job`: a failing job is recorded in its job_status.json and the sweep goes on.
 """
 
 from __future__ import annotations
 
-import difflib
+import json
+import logging
 import os
+import re
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +21,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-import densenet_se.config as config  # registers the schemas in Hydra's ConfigStore
-from densenet_se import sweep  # registers the resolvers conf/hydra/ uses
+from densenet_se import config, distributed, resolvers, sweep
 from densenet_se.errors import UserError
+from densenet_se.io import atomic_write_text
+from densenet_se.overrides import closest, comma_hint, quoting_hint
+
+log = logging.getLogger("densenet_se")
 
 EXIT_USER_ERROR = 2
 _OURS = "DENSENET_SE_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR=1 as set by us, not by the person
@@ -28,26 +36,15 @@ def hydra_entry(
     task: Callable[[DictConfig], Any], config_name: str, config_dir: str | Path, schema: Any = None
 ) -> Callable[[], Any]:
     """Wrap `task` as a Hydra app reading `config_dir/config_name.yaml`, with one-line errors."""
-
-    def wants_trace() -> bool:
-        # The person asked for tracebacks (not merely our own setting, inherited by e.g. DDP child processes).
-        return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OURS) != "1"
+    register()
+    job = HydraJob(task, schema)
 
     @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
-        # In a sweep a failing job is recorded and the sweep goes on (see densenet_se.sweep).
-        if sweep.is_multirun():
-            return sweep.run_job(task, cfg)
-        try:
-            return task(cfg)
-        except Exception as ex:  # noqa: BLE001
-            if wants_trace():
-                raise
-            # Exit here, inside the job: re-raised, Hydra would print its own "Error executing job" line too.
-            _report_and_exit(ex, schema)
+        return job(cfg)
 
     def main() -> Any:
-        trace = wants_trace()
+        trace = _wants_trace()
         saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", _OURS)}
         if not trace:
             # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
@@ -71,9 +68,9 @@ def hydra_entry(
             if wants_trace:
                 raise
             # A sweep that stopped after some jobs ran (e.g. every Optuna trial failed) also names its summary.
-            swept = sweep.take_last_result()
+            swept = take_last_result()
             _report_and_exit(ex, schema, f" ({swept.message()})" if swept and swept.failed else "")
-        swept = sweep.take_last_result()
+        swept = take_last_result()
         if swept is not None and swept.exit_code:  # every job ran; exit as the worst failed job would alone
             print(f"error: {swept.message()}", file=sys.stderr)
             sys.exit(swept.exit_code)
@@ -82,6 +79,109 @@ def hydra_entry(
     return main
 
 
+def register() -> None:
+    """What conf/ needs before Hydra composes it: the schemas it extends and the resolvers conf/hydra/ uses."""
+    config.register_configs()
+    resolvers.register()
+
+
+class HydraJob:
+    """The function Hydra runs: the task with one-line errors; in a sweep, `run_job` (the sweep goes on).
+
+    A submitit job unpickles it in a fresh process, where `__setstate__` registers what conf/ needs before
+    Hydra resolves the job's directory name.
+    """
+
+    def __init__(self, task: Callable[[DictConfig], Any], schema: Any = None) -> None:
+        self.task, self.schema = task, schema
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        register()
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        if is_multirun():
+            return run_job(self.task, cfg)
+        try:
+            return self.task(cfg)
+        except Exception as ex:  # noqa: BLE001
+            if _wants_trace():
+                raise
+            # Exit here, inside the job: re-raised, Hydra would print its own "Error executing job" line too.
+            _report_and_exit(ex, self.schema)
+
+
+def _wants_trace() -> bool:
+    # The person asked for tracebacks (not merely our own setting, inherited by e.g. DDP child processes).
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OURS) != "1"
+
+
+# ---------------------------------------------------------------------------------------------- sweep jobs
+def is_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`, hparams_search=..., a launcher plugin)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
+
+    Returns the task's value, or None for a failed job (Optuna then records the trial as failed; a NaN would
+    make hydra-optuna-sweeper 1.3 stop the search).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    status: dict[str, Any] = {"job": int(hydra_cfg.job.num), "overrides": overrides}
+    sweep.share_image_cache(cfg, overrides)
+    start = time.perf_counter()
+    try:
+        value = task(cfg)
+    except Exception as ex:  # noqa: BLE001 - one job's failure must not stop the others
+        line = describe(ex)
+        log.error("job %s failed: %s", status["job"], line)
+        status.update(
+            status="failed",
+            error=line,
+            exit_code=exit_status(ex),
+            traceback="".join(traceback.format_exception(ex)),
+        )
+        value = None
+    else:
+        status.update(status="completed", value=value, exit_code=0)
+    status["seconds"] = round(time.perf_counter() - start, 3)
+    if distributed.is_rank_zero():
+        atomic_write_text(job_dir / sweep.STATUS_FILE, json.dumps(status, indent=2, default=str) + "\n")
+    return value
+
+
+def check_multirun_launch(trainer: Any) -> None:
+    """Refuse, in a multirun, a strategy that Lightning would start by re-running the command line."""
+    if not is_multirun():
+        return
+    try:
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    except ImportError:  # pragma: no cover - a Lightning without it cannot re-launch either
+        return
+    strategy = trainer.strategy
+    environment = getattr(strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return  # srun or torchrun started every process: nothing is re-launched
+    if isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise UserError(sweep.multirun_ddp_message(trainer.world_size))
+
+
+def take_last_result() -> sweep.SweepResult | None:
+    """How the sweep that just ended in this process went (once: the next call gives None), or None."""
+    result, sweep.SweepSummary.last_result = sweep.SweepSummary.last_result, None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- errors
 def _report_and_exit(ex: BaseException, schema: Any = None, detail: str = "") -> None:
     print(f"error: {describe(ex, schema)}{detail}", file=sys.stderr)
     if not _is_user_error(ex):
@@ -120,12 +220,15 @@ def describe(ex: BaseException, schema: Any = None) -> str:
         missing = (ex.missing_cfg_file or "").strip("/")
         if ex.options:
             group, _, name = missing.rpartition("/")
-            close = difflib.get_close_matches(name, list(ex.options), n=1)
-            hint = f" Did you mean {group}={close[0]}?" if close else ""
+            close = closest(name, ex.options)
+            hint = f" Did you mean {group}={close}?" if close else ""
             return f"{group}={name} is not a known option; choose one of: {', '.join(ex.options)}.{hint}"
         return _first_line(str(ex))
-    if isinstance(ex, OverrideParseException):
-        return f"cannot parse the override {ex.override!r}: {_first_line(str(ex))}"
+    if isinstance(ex, OverrideParseException):  # e.g. a regular expression with ( ) [ ], unquoted
+        return quoting_hint(ex.override)
+    ambiguous = re.match(r"Ambiguous value for argument '(.*)'", str(ex)) if _is_config_error(ex) else None
+    if ambiguous:  # key=a,b without -m
+        return comma_hint(ambiguous.group(1))
     cause = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         key = str(cause.full_key)

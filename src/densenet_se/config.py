@@ -6,7 +6,6 @@ The dataclasses are the single source of defaults for the `data`, `model` and `o
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from densenet_se.checks import Range, Rule, at_least, problem
 from densenet_se.errors import UserError
+from densenet_se.overrides import closest
 
 # OmegaConf evaluates these annotations (PEP 604 unions and builtin generics work on Python >= 3.10).
 
@@ -150,7 +151,7 @@ class ExportConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas; `conf/train.yaml` extends `train_schema`."""
+    """Register the schemas in Hydra's ConfigStore (`conf/train.yaml` extends `train_schema`); idempotent."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
@@ -158,46 +159,11 @@ def register_configs() -> None:
     cs.store(name="export_schema", node=ExportConfig)
 
 
-register_configs()
-
-
-def _resume_run_dir(resume: str | None, default: str) -> str:
-    if resume in (None, ""):  # a new run: no need to load the resume machinery (torch, Lightning)
-        return default
-    from densenet_se.resume import hydra_run_dir  # imported late: it needs torch and Lightning
-
-    return hydra_run_dir(resume, default)
-
-
-def _resume_output_subdir(resume: Any) -> str | None:
-    """`.hydra` for a new run; none when resuming (the original is kept) or in a non-zero DDP rank."""
-    from densenet_se.distributed import is_rank_zero
-
-    return ".hydra" if resume in (None, "") and is_rank_zero() else None
-
-
-def register_resolvers() -> None:
-    """`${resume_run_dir:...}` and `${resume_output_subdir:...}` for conf/hydra/default.yaml (resume=RUN_DIR)."""
-    OmegaConf.register_new_resolver("resume_run_dir", _resume_run_dir, replace=True)
-    OmegaConf.register_new_resolver("resume_output_subdir", _resume_output_subdir, replace=True)
-
-
-register_resolvers()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Range checks run at start-up: types and unknown keys are already rejected by the schema at compose time.
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.cache": ("none", "memory", "disk", "device"),
-    "data.on_bad_file": ("skip", "error"),
-    "model.se_placement": ("head", "blocks", "none"),
-    "optim.optimizer": ("adam", "adamw", "sgd"),
-    "optim.scheduler": ("none", "cosine", "step", "plateau"),
-}
 
-
-def _batches(open_low: bool = False) -> Any:
+def _batches(open_low: bool = False) -> Range:
     """Lightning's batch-count keys: a float is a fraction of the epoch, an int a number of batches."""
 
     def ok(v: Any) -> bool:
@@ -207,83 +173,58 @@ def _batches(open_low: bool = False) -> Any:
             return (0.0 < v if open_low else 0.0 <= v) and v <= 1.0
         return v >= (1 if open_low else 0)
 
-    return ok
+    if open_low:
+        return Range(ok, "a fraction in (0, 1] or a number of batches >= 1")
+    return Range(ok, "a fraction in [0, 1] or a number of batches >= 0")
 
 
-# The largest image side anything here resizes to (training, eval, a checkpoint's image_size): 4096 px is
-# 50 MB per decoded image and ~4 GB of DenseNet-121 activations.
-MAX_IMAGE_SIZE = 4096
-
-# key -> (predicate, allowed range in words)
-_RANGES: dict[str, tuple[Any, str]] = {
-    "data.image_size": (lambda v: 32 <= v <= MAX_IMAGE_SIZE, f"an integer in [32, {MAX_IMAGE_SIZE}]"),
-    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "data.val_fraction": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
-    "data.test_fraction": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "data.max_image_pixels": (lambda v: v >= 1024, "an integer >= 1024"),
-    "data.folds": (lambda v: v == 0 or v >= 2, "0 (no folds) or an integer >= 2"),
-    "data.fold": (lambda v: v >= 0, "an integer >= 0"),
-    "model.growth_rate": (lambda v: v >= 1, "an integer >= 1"),
-    "model.num_init_features": (lambda v: v >= 1, "an integer >= 1"),
-    "model.bn_size": (lambda v: v >= 1, "an integer >= 1"),
-    "model.compression_rate": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-    "model.drop_rate": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "model.se_reduction": (lambda v: v >= 1, "an integer >= 1"),
-    "model.block_config": (
-        lambda v: len(v) >= 1 and all(int(b) >= 1 for b in v),
-        "a non-empty list of integers >= 1",
-    ),
-    "optim.lr": (lambda v: 0.0 < v <= 10.0, "a number in (0, 10]"),
-    "optim.weight_decay": (lambda v: v >= 0.0, "a number >= 0"),
-    "optim.momentum": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "optim.warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "optim.label_smoothing": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+# The run's own keys and Lightning's Trainer arguments -> allowed values; data.*, model.* and optim.* live with
+# the code that uses them (see rules()).
+_RULES: dict[str, Rule] = {
+    "seed": Range(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     # Lightning accepts some of these and fails later (a modulo by zero) or trains nothing.
-    "trainer.max_epochs": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.min_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1 (or null)"),
-    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.num_sanity_val_steps": (lambda v: v >= -1, "an integer >= 0, or -1 for all"),
-    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (or null)"),
-    "trainer.val_check_interval": (_batches(True), "a fraction in (0, 1] or a number of batches >= 1"),
-    "trainer.limit_train_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
-    "trainer.limit_val_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
-    "trainer.limit_test_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
+    "trainer.max_epochs": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.min_epochs": at_least(0),
+    "trainer.max_steps": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.accumulate_grad_batches": at_least(1),
+    "trainer.check_val_every_n_epoch": Range(lambda v: v >= 1, "an integer >= 1 (or null)"),
+    "trainer.log_every_n_steps": at_least(1),
+    "trainer.num_sanity_val_steps": Range(lambda v: v >= -1, "an integer >= 0, or -1 for all"),
+    "trainer.gradient_clip_val": Range(lambda v: v >= 0, "a number >= 0 (or null)"),
+    "trainer.val_check_interval": _batches(open_low=True),
+    "trainer.limit_train_batches": _batches(),
+    "trainer.limit_val_batches": _batches(),
+    "trainer.limit_test_batches": _batches(),
 }
+
+
+def rules() -> dict[str, Rule]:
+    """Every checked key of the train config (`data.image_size`, ...) and its allowed values, each read from the
+    code that uses the value (the data module, ...) except the run's own and the trainer's."""
+    # Imported here: they need torch and Lightning, and a config error is reported before those load.
+    from densenet_se.data.datamodule import ALLOWED as DATA
+    from densenet_se.models.densenet import ALLOWED as MODEL
+    from densenet_se.module import ALLOWED as OPTIM
+
+    owners = {"data": DATA, "model": MODEL, "optim": OPTIM}
+    return {
+        **{f"{group}.{k}": rule for group, table in owners.items() for k, rule in table.items()},
+        **_RULES,
+    }
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise UserError naming the first out-of-range key and its allowed values."""
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in allowed:
-            raise UserError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}.")
-    for key, (ok, words) in _RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        try:
-            good = ok(value)
-        except TypeError:  # trainer.* values are untyped: a string where a number belongs
-            good = False
-        if not good:
-            raise UserError(f"{key}={_show(value)} is out of range; it must be {words}.")
-    data = cfg.data
-    if data.val_fraction + data.test_fraction >= 1.0:
-        raise UserError(
-            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves no "
-            "training images; keep the sum below 1."
-        )
-    if data.folds and data.fold >= data.folds:
-        raise UserError(
-            f"data.fold={data.fold} is out of range; it must be in 0..{data.folds - 1} (data.folds)."
-        )
-    if data.fold and not data.folds:
-        raise UserError(f"data.fold={data.fold} needs data.folds, e.g. data.folds=5 data.fold={data.fold}.")
+    for key, rule in rules().items():
+        value = plain(OmegaConf.select(cfg, key))
+        message = None if value is None else problem(key, value, rule)
+        if message is not None:
+            raise UserError(message)
+    # Across keys: the split's own rules (no images left for training, a fold outside data.folds).
+    from densenet_se.data.split import check_folds, check_fractions
+
+    check_fractions(cfg.data.val_fraction, cfg.data.test_fraction)
+    check_folds(cfg.data.folds, cfg.data.fold)
     weights = cfg.optim.class_weights
     if weights is not None and weights != "balanced":
         if not OmegaConf.is_list(weights) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
@@ -292,23 +233,12 @@ def validate(cfg: DictConfig) -> None:
             )
 
 
-def _show(value: Any) -> str:
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value)
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
     """The valid key nearest to a mistyped `full_key` (e.g. `data.rot` -> `data.root`), if any is close."""
     parts = full_key.split(".")
     if len(parts) == 2 and parts[0] == "trainer":
-        import inspect
-
-        import lightning
-
-        names = [n for n in inspect.signature(lightning.Trainer.__init__).parameters if n != "self"]
-        found = difflib.get_close_matches(parts[1], names, n=1, cutoff=0.5)
-        return f"trainer.{found[0]}" if found else None
+        found = closest(parts[1], trainer_arguments())
+        return f"trainer.{found}" if found else None
     node = schema
     for part in parts[:-1]:
         match = {f.name: f for f in fields(node)}.get(part) if _is_dataclass(node) else None
@@ -318,9 +248,17 @@ def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
         node = type(node) if _is_dataclass(node) else node
     if not _is_dataclass(node):
         return None
-    names = [f.name for f in fields(node)]
-    found = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.5)
-    return ".".join([*parts[:-1], found[0]]) if found else None
+    found = closest(parts[-1], [f.name for f in fields(node)])
+    return ".".join([*parts[:-1], found]) if found else None
+
+
+def trainer_arguments() -> list[str]:
+    """The keyword arguments of Lightning's Trainer: the keys `trainer.*` may set."""
+    import inspect
+
+    import lightning  # imported here: a config error is reported before Lightning loads
+
+    return [n for n in inspect.signature(lightning.Trainer.__init__).parameters if n != "self"]
 
 
 def _is_dataclass(obj: Any) -> bool:
@@ -347,6 +285,7 @@ def compose_train_config(
 
     work = Path(work_dir)
     conf = Path(config_dir) if config_dir else Path(__file__).resolve().parents[2] / "conf"
+    register_configs()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     with open_dict(cfg):

@@ -16,19 +16,17 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
-from densenet_se.config import MAX_IMAGE_SIZE, EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered)
+from densenet_se.checks import check
+from densenet_se.config import EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered in config)
+from densenet_se.data.datamodule import ALLOWED as DATA_ALLOWED
 from densenet_se.data.images import MAX_IMAGE_PIXELS
 from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.metrics import logged
 from densenet_se.paths import check_output, check_outside
 from densenet_se.predict import probabilities
 
@@ -111,11 +109,8 @@ def data_settings(
             image_size,
             hparams["image_size"],
         )
-    if not 32 <= image_size <= MAX_IMAGE_SIZE:
-        raise UserError(f"data.image_size={image_size} must be between 32 and {MAX_IMAGE_SIZE} pixels.")
     batch_size = int(given.get("batch_size", base.get("batch_size", 32)))
-    if batch_size < 1:
-        raise UserError(f"data.batch_size={batch_size} must be at least 1.")
+    check({"image_size": image_size, "batch_size": batch_size}, DATA_ALLOWED, "data.")  # training's own rules
     max_pixels = int(given.get("max_image_pixels", base.get("max_image_pixels", MAX_IMAGE_PIXELS)))
     return EvalData(root, image_size, batch_size, max_pixels, bool(base.get("demo", False)))
 
@@ -180,18 +175,11 @@ def load_split_images(
 def compute_metrics(
     probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], positive_class: str | None
 ) -> dict[str, Any]:
-    """Flat metrics; acc/f1/auroc are the torchmetrics definitions training logs (micro acc, macro F1/AUROC)."""
+    """Flat metrics; acc/f1/auroc are the definitions training logs on its test split (densenet_se.metrics)."""
     k = len(class_names)
-    acc = MulticlassAccuracy(k, average="micro")(probs, labels)
-    f1 = MulticlassF1Score(k, average="macro")(probs, labels)
-    auroc = MulticlassAUROC(k, average="macro")(probs, labels)
     matrix = [[int(v) for v in row] for row in MulticlassConfusionMatrix(k)(probs, labels).tolist()]
-    out: dict[str, Any] = {
-        "n": int(labels.numel()),
-        "acc": float(acc),
-        "f1": float(f1),
-        "auroc": float(auroc),
-    }
+    out: dict[str, Any] = {"n": int(labels.numel())}
+    out.update({m.name: float(m.build(k)(probs, labels)) for m in logged("test", scored=True)})
     for c, name in enumerate(class_names):
         predicted = sum(matrix[r][c] for r in range(k))
         actual = sum(matrix[c])

@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from densenet_se.io import atomic_write_text, csv_text
+from densenet_se.metrics import column_title, summary_keys
+from densenet_se.overrides import override_key, override_value
 
 FOLDS_CSV = "sweep_folds.csv"
 FOLD_KEY = "data.fold"
-# (row key, column title in the markdown table)
-FOLD_METRICS = (
-    ("best_val_acc", "best val acc"),
-    ("test_acc", "test acc"),
-    ("test_f1", "test f1"),
-    ("test_auroc", "test auroc"),
-    ("test_loss", "test loss"),
-)
+# (row key, column title in the markdown table): the best validation value, then each test metric (METRICS).
+FOLD_METRICS = tuple((key, column_title(key)) for key in summary_keys())
 
 
 def _overrides(row: dict[str, Any]) -> list[str]:
@@ -31,15 +27,11 @@ def _overrides(row: dict[str, Any]) -> list[str]:
     return value.split() if isinstance(value, str) else [str(o) for o in value]
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def fold_of(overrides: Sequence[str]) -> int | None:
     """The `data.fold=i` of a job's overrides, or None for a job that is not one fold of several."""
     for override in overrides:
-        if _key(override) == FOLD_KEY:
-            value = override.split("=", 1)[1] if "=" in override else ""
+        if override_key(override) == FOLD_KEY:
+            value = override_value(override) or ""
             return int(value) if value.strip().lstrip("-").isdigit() else None
     return None
 
@@ -64,7 +56,7 @@ def aggregate_folds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         overrides = _overrides(row)
         if fold_of(overrides) is None:
             continue
-        setting = tuple(o for o in overrides if _key(o) != FOLD_KEY)
+        setting = tuple(o for o in overrides if override_key(o) != FOLD_KEY)
         settings.setdefault(setting, []).append(row)
     out = []
     for setting, jobs in settings.items():

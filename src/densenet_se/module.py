@@ -2,40 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
+from torchmetrics import MaxMetric, MetricCollection, MinMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
+from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError
+from densenet_se.metrics import BEST, MONITOR, best_sign, logged
 from densenet_se.models import DenseNetSE
-from densenet_se.models.densenet import check_feature_bytes, check_layout
+from densenet_se.models.densenet import MODEL_KEYS, check_feature_bytes, check_layout
 
-MODEL_KEYS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression_rate",
-    "drop_rate",
-    "se_reduction",
-    "se_placement",
-    "memory_efficient",
-    "pretrained",
-)
+# optim.optimizer -> the optimiser over `params` with the module's hyperparameters `hp`.
+OPTIMIZERS: dict[str, Callable[[Iterator[nn.Parameter], Any], torch.optim.Optimizer]] = {
+    "adam": lambda params, hp: torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay),
+    "adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay),
+    "sgd": lambda params, hp: torch.optim.SGD(
+        params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
+    ),
+}
+# optim.scheduler -> the per-epoch schedule of `opt` over `max_epochs` (None: a constant rate, after any warm-up).
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, Any, int], Any]] = {
+    "none": lambda opt, hp, max_epochs: None,
+    "cosine": lambda opt, hp, max_epochs: torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=max(max_epochs - hp.warmup_epochs, 1)
+    ),
+    "step": lambda opt, hp, max_epochs: torch.optim.lr_scheduler.StepLR(
+        opt, step_size=max(max_epochs // 3, 1), gamma=0.1
+    ),
+    # On the best-epoch metric (val/acc), without warm-up.
+    "plateau": lambda opt, hp, max_epochs: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max" if best_sign() > 0 else "min", factor=0.1, patience=3
+    ),
+}
+# Allowed values of the optim.* settings: checked here and by config.validate.
+ALLOWED: dict[str, Rule] = {
+    "optimizer": tuple(OPTIMIZERS),
+    "scheduler": tuple(SCHEDULERS),
+    "lr": interval(0, 10, "(]"),
+    "weight_decay": Range(lambda v: v >= 0.0, "a number >= 0"),
+    "momentum": interval(0, 1, "[)"),
+    "warmup_epochs": at_least(0),
+    "label_smoothing": interval(0, 1, "[)"),
+}
 
 
 class DenseNetSEClassifier(L.LightningModule):
-    """DenseNetSE trained with cross-entropy; logs `{train,val,test}/{loss,acc,f1,auroc}` and `val/acc_best`."""
+    """DenseNetSE trained with cross-entropy; logs `<stage>/<metric>` for densenet_se.metrics.METRICS and
+    `val/acc_best`."""
 
     def __init__(
         self,
@@ -99,6 +118,7 @@ class DenseNetSEClassifier(L.LightningModule):
             }
         )
         hp = self.hparams
+        check({k: hp[k] for k in ALLOWED}, ALLOWED, "optim.")
         if hp.class_weights is not None and len(hp.class_weights) != num_classes:
             raise UserError(
                 f"optim.class_weights has {len(hp.class_weights)} values but the data has {num_classes} classes "
@@ -116,22 +136,16 @@ class DenseNetSEClassifier(L.LightningModule):
         self.register_buffer("class_weight", weights, persistent=False)
         self.example_input_array = torch.zeros(1, 3, hp.image_size, hp.image_size)
 
-        def metrics() -> MetricCollection:
-            return MetricCollection(
-                {
-                    "acc": MulticlassAccuracy(num_classes, average="micro"),
-                    "f1": MulticlassF1Score(num_classes, average="macro"),
-                    # Macro one-vs-rest; with two classes this equals the binary AUROC.
-                    "auroc": MulticlassAUROC(num_classes, average="macro"),
-                }
-            )
+        def metrics(stage: str) -> MetricCollection:
+            return MetricCollection({m.name: m.build(num_classes) for m in logged(stage, scored=True)})
 
-        self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")})
-        self.val_metrics = metrics()
-        self.test_metrics = metrics()
+        self.train_metrics = metrics("train")
+        self.val_metrics = metrics("val")
+        self.test_metrics = metrics("test")
         self.val_confmat = MulticlassConfusionMatrix(num_classes)
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
-        self.val_acc_best = MaxMetric()
+        # The best validation value of the metric that picks the best epoch (`val/acc_best`).
+        self.val_acc_best = MaxMetric() if best_sign() > 0 else MinMetric()
         self._restored_acc_best: float | None = None
         # Filled at each validation epoch end; the run-report callback reads them (rank 0 only writes files).
         self.last_val_confmat: list[list[int]] | None = None
@@ -173,7 +187,8 @@ class DenseNetSEClassifier(L.LightningModule):
         loss = self._loss(logits, y)
         self.train_metrics.update(logits.detach(), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
-        self.log("train/acc", self.train_metrics["acc"], on_step=False, on_epoch=True, prog_bar=True)
+        for name, metric in self.train_metrics.items():
+            self.log(f"train/{name}", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -211,7 +226,7 @@ class DenseNetSEClassifier(L.LightningModule):
         confmat.reset()
         for name, value in values.items():
             # Already whole-set values on every process; sync_dist only tells Lightning so (no DDP warning).
-            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True)
+            self.log(f"{stage}/{name}", value, prog_bar=name == BEST, sync_dist=True)
         as_list = [[int(v) for v in row] for row in matrix.tolist()]
         if stage == "val":
             self.last_val_confmat = as_list
@@ -222,8 +237,8 @@ class DenseNetSEClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self._eval_epoch_end("val")
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(values["acc"])
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
+            self.val_acc_best.update(values[BEST])
+            self.log(f"{MONITOR}_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -236,19 +251,7 @@ class DenseNetSEClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = self.parameters()
-        if hp.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
-            )
-        else:
-            raise UserError(
-                f"optim.optimizer={hp.optimizer!r} is not allowed; choose one of: adam, adamw, sgd."
-            )
+        opt = OPTIMIZERS[hp.optimizer](self.parameters(), hp)
         scheduler = self._scheduler(opt)
         if scheduler is None:
             return opt
@@ -257,21 +260,9 @@ class DenseNetSEClassifier(L.LightningModule):
     def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
         hp = self.hparams
         max_epochs = max(int(self.trainer.max_epochs or 1), 1) if self._trainer is not None else 1
-        if hp.scheduler == "none":
-            main = None
-        elif hp.scheduler == "cosine":
-            main = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=max(max_epochs - hp.warmup_epochs, 1)
-            )
-        elif hp.scheduler == "step":
-            main = torch.optim.lr_scheduler.StepLR(opt, step_size=max(max_epochs // 3, 1), gamma=0.1)
-        elif hp.scheduler == "plateau":
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=3)
-            return {"scheduler": plateau, "monitor": "val/acc", "interval": "epoch"}
-        else:
-            raise UserError(
-                f"optim.scheduler={hp.scheduler!r} is not allowed; choose one of: none, cosine, step, plateau."
-            )
+        main = SCHEDULERS[hp.scheduler](opt, hp, max_epochs)
+        if isinstance(main, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {"scheduler": main, "monitor": MONITOR, "interval": "epoch"}
         if hp.warmup_epochs > 0:
             warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=hp.warmup_epochs)
             main = (

@@ -1,4 +1,4 @@
-"""Resume a run in its own directory with its own config, and seed each epoch so a resumed run matches.
+"""Resume a run in its own directory with its own config (densenet_se.callbacks.SeedEachEpoch makes it match).
 
 `python train.py resume=RUN_DIR` reads the run's config (`.hydra/config.yaml`), takes the RESUMABLE_KEYS
 as its latest recorded session left them (`.hydra/resume-*/config.yaml`) and as the command line gives them,
@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.checkpoint import load_checkpoint
@@ -28,6 +24,7 @@ from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.models.densenet import LAYOUT_KEYS
+from densenet_se.overrides import override_key
 from densenet_se.rundir import check_targets
 
 log = logging.getLogger("densenet_se")
@@ -115,12 +112,6 @@ def _has(cfg: DictConfig, key: str) -> bool:
 
 
 _ABSENT = object()
-
-
-def override_key(override: str) -> str:
-    """The key of a command-line override (`+a.b=1`, `~a.b`, `a.b=1`, `a=opt` -> `a.b` / `a`)."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    return key.split("@", 1)[0]
 
 
 def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -246,52 +237,3 @@ def prepare_resume(cfg: DictConfig) -> ResumeSession:
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
-# ------------------------------------------------------------------------------------------------- seeding
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A well-mixed 32-bit seed for one stream (0: data order, 1: training steps) of one epoch of one run."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1)[0])
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python, NumPy and torch (every device) alike."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class SeedEachEpoch(L.Callback):
-    """Make epoch N depend on (seed, N) only, so epoch N of a resumed run repeats that of an uninterrupted one.
-
-    At each training epoch start: the global RNGs (dropout, augmentation) are seeded from (seed, N), and the
-    train loader's RandomSampler gets its own generator seeded from (seed, N). The sampler's generator is
-    otherwise the DataLoader's, which every `iter()` also draws from, and Lightning calls `iter()` a
-    different number of times in a resumed session than in an uninterrupted one. The sampler draws its
-    order when the first batch is fetched, after this hook, with `data.num_workers=0`; worker processes
-    prefetch earlier, so with workers the first epoch of a resumed session is shuffled differently.
-    `data.cache=device` loaders (DeviceBatches) get the same (seed, N) through their `seed` and `epoch`.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        seed_all(epoch_seed(self.seed, epoch, stream=1))
-        loaders = trainer.train_dataloader
-        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            self._seed_order(loader, epoch)
-
-    def _seed_order(self, loader: Any, epoch: int) -> None:
-        from torch.utils.data import RandomSampler
-
-        from densenet_se.data.datamodule import DeviceBatches
-
-        if isinstance(loader, DeviceBatches):
-            if loader.shuffle:  # it shuffles with seed + epoch and counts epochs itself
-                loader.seed, loader.epoch = epoch_seed(self.seed, 0, stream=2), epoch
-            return
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, RandomSampler):
-            sampler.generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, stream=2))

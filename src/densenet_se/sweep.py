@@ -1,9 +1,7 @@
-"""Sweeps (`python train.py -m ...`, Optuna, submitit): job directory names, jobs that fail without stopping
-the sweep, and the sweep summary (sweep_summary.csv / .md at the sweep root).
+"""Sweeps (`python train.py -m ...`, Optuna, submitit): job directory names, the shared image cache of a sweep's
+jobs, the refusal of multi-process jobs, and the sweep summary (sweep_summary.csv / .md at the sweep root).
 
-Importing this module registers the OmegaConf resolvers that conf/hydra/default.yaml and the launcher configs
-use, so it must be imported before Hydra composes (densenet_se.cli does; a submitit job imports it when it
-unpickles the SweepSummary callback).
+Running each job (a failure recorded, the sweep going on) is entry-point plumbing: densenet_se.cli.
 """
 
 from __future__ import annotations
@@ -13,9 +11,7 @@ import json
 import logging
 import math
 import re
-import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,8 @@ from densenet_se import distributed
 from densenet_se.errors import UserError
 from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
 from densenet_se.io import atomic_write_text, csv_text
+from densenet_se.metrics import BEST_KEY, best_sign, column_title, logged
+from densenet_se.overrides import override_key
 
 log = logging.getLogger("densenet_se")
 
@@ -35,28 +33,22 @@ SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MD = "sweep_summary.md"
 # Longer job directory names are cut and end in a hash of the full name (names stay unique and valid).
 MAX_DIRNAME = 100
+# The metrics each job reports: the best validation value, then every metric of the test split (METRICS).
+TEST_KEYS = tuple(m.name for m in logged("test"))
 CSV_COLUMNS = (
     "job",
     "status",
     "overrides",
-    "best_val_acc",
+    BEST_KEY,
     "best_epoch",
-    "test_acc",
-    "test_f1",
-    "test_auroc",
-    "test_loss",
+    *(f"test_{name}" for name in TEST_KEYS),
     "seconds",
     "run_dir",
     "error",
 )
-TEST_KEYS = ("acc", "f1", "auroc", "loss")
 
 
 # ---------------------------------------------------------------------------------------------- resolvers
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _safe(text: str) -> str:
     # Brackets and quotes go; separators inside values become '-'; anything else outside [A-Za-z0-9._=-] too.
     text = re.sub(r"[\[\](){}'\"]", "", text)
@@ -88,7 +80,7 @@ def job_dir_name(num: Any, overrides: Sequence[str], exclude: Sequence[str] = ()
     items = [
         _name_item(o)
         for o in overrides
-        if not _override_key(o).startswith("hydra.") and _override_key(o) not in excluded
+        if not override_key(o).startswith("hydra.") and override_key(o) not in excluded
     ]
     body = "__".join(items)
     if len(body) > MAX_DIRNAME:
@@ -119,89 +111,18 @@ def slurm_gpus(accelerator: Any, devices: Any) -> int | None:
     return None if str(accelerator) == "cpu" else slurm_tasks(devices)
 
 
-def register_resolvers() -> None:
-    """Register the resolvers used by conf/hydra/*.yaml (idempotent)."""
-    OmegaConf.register_new_resolver("job_dir_name", job_dir_name, replace=True)
-    OmegaConf.register_new_resolver("rank_suffix", distributed.rank_suffix, replace=True)
-    OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
-    OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
-
-
-register_resolvers()
-
-
 # ---------------------------------------------------------------------------------------------- sweep jobs
-def is_multirun() -> bool:
-    """True inside a job of a Hydra multirun (`-m`, hparams_search=..., a launcher plugin)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
-
-    Returns the task's value, or None for a failed job (Optuna then records the trial as failed; a NaN would
-    make hydra-optuna-sweeper 1.3 stop the search).
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from densenet_se.cli import describe, exit_status
-
-    hydra_cfg = HydraConfig.get()
-    job_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = [str(o) for o in hydra_cfg.overrides.task]
-    status: dict[str, Any] = {"job": int(hydra_cfg.job.num), "overrides": overrides}
-    share_image_cache(cfg, overrides)
-    start = time.perf_counter()
-    try:
-        value = task(cfg)
-    except Exception as ex:  # noqa: BLE001 - one job's failure must not stop the others
-        line = describe(ex)
-        log.error("job %s failed: %s", status["job"], line)
-        status.update(
-            status="failed",
-            error=line,
-            exit_code=exit_status(ex),
-            traceback="".join(traceback.format_exception(ex)),
-        )
-        value = None
-    else:
-        status.update(status="completed", value=value, exit_code=0)
-    status["seconds"] = round(time.perf_counter() - start, 3)
-    if distributed.is_rank_zero():
-        atomic_write_text(job_dir / STATUS_FILE, json.dumps(status, indent=2, default=str) + "\n")
-    return value
-
-
 def share_image_cache(cfg: DictConfig, overrides: Sequence[str]) -> None:
     """Sweep jobs use the disk cache (decoded once, shared by every job) unless data.cache was given."""
     data = cfg.get("data")
     if (
         data is None
         or data.get("cache") != "memory"
-        or any(_override_key(o) == "data.cache" for o in overrides)
+        or any(override_key(o) == "data.cache" for o in overrides)
     ):
         return
     data.cache = "disk"
     log.info("sweep job: data.cache=disk, so the jobs of this sweep decode the images only once")
-
-
-def check_multirun_launch(trainer: Any) -> None:
-    """Refuse, in a multirun, a strategy that Lightning would start by re-running the command line."""
-    if not is_multirun():
-        return
-    try:
-        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-    except ImportError:  # pragma: no cover - a Lightning without it cannot re-launch either
-        return
-    strategy = trainer.strategy
-    environment = getattr(strategy, "cluster_environment", None)
-    if environment is not None and environment.creates_processes_externally:
-        return  # srun or torchrun started every process: nothing is re-launched
-    if isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher):
-        raise UserError(multirun_ddp_message(trainer.world_size))
 
 
 def multirun_ddp_message(processes: int) -> str:
@@ -257,7 +178,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any] | None:
         "job": num,
         "status": state,
         "overrides": " ".join(_job_overrides(job_dir, status)),
-        "best_val_acc": metrics.get("best_val_acc"),
+        BEST_KEY: metrics.get(BEST_KEY),
         "best_epoch": metrics.get("best_epoch"),
         **{f"test_{k}": test.get(k) for k in TEST_KEYS},
         "seconds": (status or {}).get("seconds", metrics.get("total_seconds")),
@@ -297,8 +218,8 @@ def _varying(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return common, [[o for o in lst if o not in common] for lst in lists]
 
 
-def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
-    """sweep_summary.md: counts, the best job, `extra` lines (e.g. the folds table), then a row per job."""
+def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """sweep_summary.md: counts, the best job, the cross-validation table of a k-fold sweep, a row per job."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "incomplete")}
     lines = [
         "# Sweep summary",
@@ -306,25 +227,26 @@ def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]], extra: Sequenc
         f"Sweep directory: `{sweep_dir}`  ",
         f"Jobs: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})  ",
     ]
-    scored = [r for r in rows if isinstance(r["best_val_acc"], (int, float)) and r["status"] == "completed"]
+    scored = [r for r in rows if isinstance(r[BEST_KEY], (int, float)) and r["status"] == "completed"]
     if scored:
-        best = max(scored, key=lambda r: (r["best_val_acc"], -r["job"]))
+        best = max(scored, key=lambda r: (best_sign() * r[BEST_KEY], -r["job"]))
         lines.append(
-            f"Best: job {best['job']}, best val acc {best['best_val_acc']:.4f}, `{best['run_dir']}`  "
+            f"Best: job {best['job']}, {column_title(BEST_KEY)} {best[BEST_KEY]:.4f}, `{best['run_dir']}`  "
         )
     common, varying = _varying(rows)
     if common:
         lines.append(f"Overrides of every job: `{' '.join(common)}`  ")
-    with_test = any(r["test_acc"] is not None for r in rows)
-    header = ["job", "status", "overrides", "best val acc", "best epoch"]
-    header += ["test acc", "test f1", "test auroc"] if with_test else []
+    # The test scores (the loss is in the CSV), when some job had a test split.
+    tests = [f"test_{m.name}" for m in logged("test", scored=True)]
+    if not any(r[key] is not None for r in rows for key in tests):
+        tests = []  # no job had a test split: no test columns
+    header = ["job", "status", "overrides", column_title(BEST_KEY), "best epoch", *map(column_title, tests)]
     header += ["seconds", "run dir", "error"]
     lines += folds_markdown(aggregate_folds(rows))  # a data.fold=range(K) sweep: mean ± std per setting
-    lines += [*extra, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, own in zip(rows, varying, strict=True):
-        cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row["best_val_acc"]]
-        cells += [row["best_epoch"]]
-        cells += [row["test_acc"], row["test_f1"], row["test_auroc"]] if with_test else []
+        cells = [row["job"], row["status"], f"`{' '.join(own)}`" if own else "", row[BEST_KEY]]
+        cells += [row["best_epoch"], *(row[key] for key in tests)]
         seconds = f"{row['seconds']:.1f}" if isinstance(row["seconds"], (int, float)) else row["seconds"]
         cells += [seconds, f"`{row['run_dir']}`", row["error"]]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -337,14 +259,12 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Write sweep_summary.csv and sweep_summary.md (and sweep_folds.csv for k-fold jobs); return the rows."""
-    from densenet_se import folds
-
     sweep_dir = Path(sweep_dir)
     rows = collect_jobs(sweep_dir) if sweep_dir.is_dir() else []
     atomic_write_text(sweep_dir / SUMMARY_CSV, summary_csv(rows))
-    fold_lines = folds.folds_markdown(folds.write_folds_csv(sweep_dir, rows))
-    atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(sweep_dir, rows, fold_lines))
     write_folds_csv(sweep_dir, rows)  # sweep_folds.csv, only when the jobs are folds (densenet_se.folds)
+    # The markdown holds the folds table once: summary_markdown builds it from the same rows.
+    atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(sweep_dir, rows))
     return rows
 
 
@@ -372,25 +292,18 @@ class SweepResult:
         )
 
 
-_last: SweepResult | None = None
-
-
-def take_last_result() -> SweepResult | None:
-    """The result of the sweep that just ended in this process (once), or None."""
-    global _last
-    result, _last = _last, None
-    return result
-
-
 class SweepSummary(Callback):
     """Hydra callback: refuses sweeps that Lightning cannot run, and writes the summary when a sweep ends."""
+
+    # How the sweep that ended last in this process went (densenet_se.cli.take_last_result reads it once).
+    last_result: SweepResult | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         trainer = OmegaConf.select(config, "trainer", default=None)
         if trainer is None or launcher.endswith("SlurmLauncher"):
             return
-        # Fail before any job starts; run_job's check_multirun_launch catches what a job's overrides add.
+        # Fail before any job starts; cli.check_multirun_launch catches what a job's overrides add.
         processes = distributed.expected_processes(trainer)
         if processes > 1 and "spawn" not in str(trainer.get("strategy", "auto")):
             raise UserError(multirun_ddp_message(processes))
@@ -406,12 +319,12 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = self._summarise(config)
         done = sum(r["status"] == "completed" for r in rows)
-        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), _last.sweep_dir / SUMMARY_MD)
+        summary = Path(str(config.hydra.sweep.dir)).resolve() / SUMMARY_MD
+        log.info("sweep summary (%d of %d jobs completed): %s", done, len(rows), summary)
 
     @staticmethod
     def _summarise(config: DictConfig) -> list[dict[str, Any]]:
-        global _last
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         rows = write_summary(sweep_dir)
-        _last = SweepResult(sweep_dir, rows)
+        SweepSummary.last_result = SweepResult(sweep_dir, rows)
         return rows

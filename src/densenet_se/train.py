@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from pathlib import Path
@@ -12,17 +11,19 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from densenet_se.callbacks import RunReport
-from densenet_se.config import closest_key, plain, validate
+from densenet_se.callbacks import RunReport, SeedEachEpoch
+from densenet_se.cli import check_multirun_launch
+from densenet_se.config import plain, trainer_arguments, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.cache import default_cache_dir
 from densenet_se.errors import UserError
+from densenet_se.metrics import BEST, MONITOR
 from densenet_se.module import DenseNetSEClassifier
+from densenet_se.overrides import closest
 from densenet_se.paths import check_outside
-from densenet_se.resume import ResumeSession, SeedEachEpoch, prepare_resume
+from densenet_se.resume import ResumeSession, prepare_resume
 from densenet_se.rundir import CheckpointPaths, hold_run_dir
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
-from densenet_se.sweep import check_multirun_launch
 
 log = logging.getLogger("densenet_se")
 
@@ -90,13 +91,11 @@ def _cause(ex: BaseException) -> str:
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """`cfg.trainer` checked against Lightning's Trainer signature (unknown keys name the closest valid one)."""
     kwargs = plain(cfg.trainer) or {}
-    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+    valid = sorted(set(trainer_arguments()) - {"callbacks", "logger"})  # built here from cfg.callbacks/logger
     for key in kwargs:
         if key not in valid:
-            import difflib
-
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean trainer.{close[0]}?" if close else "; see Lightning's Trainer arguments"
+            close = closest(key, valid)
+            hint = f"; did you mean trainer.{close}?" if close else "; see Lightning's Trainer arguments"
             raise UserError(f"trainer.{key} is not a Trainer argument{hint}")
     return kwargs
 
@@ -216,12 +215,13 @@ def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> flo
     best = report.best()
     if best is not None:
         log.info(
-            "best val/acc %.4f at epoch %d; checkpoint %s",
-            best["val_acc"],
+            "best %s %.4f at epoch %d; checkpoint %s",
+            MONITOR,
+            best[f"val_{BEST}"],
             best["epoch"] + 1,
             report.summary(trainer)["best_checkpoint"],
         )
-    return best["val_acc"] if best else None
+    return best[f"val_{BEST}"] if best else None
 
 
-__all__ = ["run", "build_datamodule", "build_module", "closest_key"]
+__all__ = ["run", "build_datamodule", "build_module"]

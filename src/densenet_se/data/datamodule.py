@@ -13,7 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
+from densenet_se.checks import Range, Rule, at_least, check
 from densenet_se.data import cache as cache_lib
+from densenet_se.data import split as split_lib
 from densenet_se.data.augment import augment_batch, build_augmentation
 from densenet_se.data.groups import (
     csv_groups_for,
@@ -22,7 +24,14 @@ from densenet_se.data.groups import (
     groups_from_pattern,
     leakage_warning,
 )
-from densenet_se.data.images import MAX_IMAGE_PIXELS, normalize, scan_image_folder, standardize
+from densenet_se.data.images import (
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    normalize,
+    scan_image_folder,
+    standardize,
+)
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
 from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
 from densenet_se.distributed import eval_sampler, eval_shard
@@ -33,6 +42,18 @@ log = logging.getLogger("densenet_se.data")
 
 CACHE_MODES = ("none", "memory", "disk", "device")
 BAD_FILE_MODES = ("skip", "error")
+# Allowed values of the data.* settings (this module's arguments): checked here and by config.validate.
+ALLOWED: dict[str, Rule] = {
+    "cache": CACHE_MODES,
+    "on_bad_file": BAD_FILE_MODES,
+    "image_size": Range(
+        lambda v: MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE, f"an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]"
+    ),
+    "batch_size": at_least(1),
+    "num_workers": at_least(0),
+    "max_image_pixels": at_least(1024),
+    **split_lib.ALLOWED,
+}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -69,20 +90,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         groups: str | None = None,
     ) -> None:
         super().__init__()
-        if int(image_size) < 32:
-            raise UserError(
-                f"data.image_size={image_size} must be at least 32 pixels (DenseNet downsamples 32x)."
-            )
-        if int(batch_size) < 1:
-            raise UserError(f"data.batch_size={batch_size} must be at least 1.")
-        if int(num_workers) < 0:
-            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
-        if cache not in CACHE_MODES:
-            raise UserError(f"data.cache={cache!r} is not one of {', '.join(CACHE_MODES)}.")
-        if on_bad_file not in BAD_FILE_MODES:
-            raise UserError(f"data.on_bad_file={on_bad_file!r} is not one of {', '.join(BAD_FILE_MODES)}.")
-        if int(max_image_pixels) < 1:
-            raise UserError(f"data.max_image_pixels={max_image_pixels} must be a positive number of pixels.")
+        settings = dict(
+            cache=cache,
+            on_bad_file=on_bad_file,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            max_image_pixels=max_image_pixels,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            folds=folds,
+            fold=fold,
+        )
+        check(settings, ALLOWED, "data.")
         check_fractions(float(val_fraction), float(test_fraction))
         check_folds(int(folds), int(fold))
         if group_pattern and groups:

@@ -21,6 +21,9 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # PIL's own default: 1024**3 // 4 // 3 pixels, a 0.25 GiB RGB image. Anything bigger is treated as a bomb.
 MAX_IMAGE_PIXELS = 89_478_485
+# The largest side anything here resizes to (training, eval, a checkpoint's image_size): 4096 px is 50 MB per
+# decoded image and ~4 GB of DenseNet-121 activations. The smallest: DenseNet downsamples 32x.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 

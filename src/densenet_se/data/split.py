@@ -13,17 +13,24 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError, shown
 
 SPLITS = ("train", "val", "test")
 
 
+# Allowed values of the split settings (data.*): checked by make_split, the data module and config.validate.
+ALLOWED: dict[str, Rule] = {
+    "val_fraction": interval(0, 1, "()"),
+    "test_fraction": interval(0, 1, "[)"),
+    "folds": Range(lambda v: v == 0 or v >= 2, "0 (no folds) or an integer >= 2"),
+    "fold": at_least(0),
+}
+
+
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Raise UserError unless 0 < val_fraction < 1, 0 <= test_fraction < 1 and their sum is below 1."""
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.2.")
-    if not 0.0 <= test_fraction < 1.0:
-        raise UserError(f"data.test_fraction={test_fraction} must be in [0, 1), e.g. 0.0 (no test split).")
+    check({"val_fraction": val_fraction, "test_fraction": test_fraction}, ALLOWED, "data.")
     if val_fraction + test_fraction >= 1.0:
         raise UserError(
             f"data.val_fraction={val_fraction} plus data.test_fraction={test_fraction} must be below 1 "
@@ -33,11 +40,10 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 def check_folds(folds: int, fold: int) -> None:
     """Raise UserError unless folds is 0 (off) or >= 2 and 0 <= fold < folds (fold must be 0 without folds)."""
-    if folds < 0 or folds == 1:
-        raise UserError(f"data.folds={folds} must be 0 (no folds) or at least 2, e.g. data.folds=5.")
+    check({"folds": folds, "fold": fold}, ALLOWED, "data.")
     if folds == 0 and fold != 0:
         raise UserError(f"data.fold={fold} needs data.folds, e.g. data.folds=5 data.fold={fold}.")
-    if folds and not 0 <= fold < folds:
+    if folds and fold >= folds:
         raise UserError(f"data.fold={fold} must be in 0..{folds - 1} for data.folds={folds}.")
 
 

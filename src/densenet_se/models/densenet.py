@@ -7,10 +7,11 @@ depend on them. SE modules live under names torchvision never uses (``se``, ``fe
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
 from densenet_se.archive import load_archive
+from densenet_se.checks import Range, Rule, at_least, interval, problem
 from densenet_se.errors import shown
 from densenet_se.models.se import SqueezeExcitation
 
-SE_PLACEMENTS = ("none", "head", "blocks")
+SE_PLACEMENTS = ("head", "blocks", "none")
+# The DenseNet layout arguments, with DenseNet-121's values (the layout pretrained="imagenet" needs).
 DENSENET121_LAYOUT = {
     "growth_rate": 32,
     "block_config": (6, 12, 24, 16),
@@ -33,17 +36,34 @@ DENSENET121_LAYOUT = {
     "bn_size": 4,
     "compression_rate": 0.5,
 }
-
 # The DenseNetSE arguments that fix the keys and shapes of its state dict (export sidecars, resume checks).
-LAYOUT_KEYS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression_rate",
-    "se_reduction",
-    "se_placement",
-)
+LAYOUT_KEYS = (*DENSENET121_LAYOUT, "se_reduction", "se_placement")
+# Plausible sizes, checked before anything is allocated: a checkpoint or a resumed run's config may come from
+# someone else, and the network is built from these numbers. DenseNet-264 has 130 dense layers and ~33M
+# parameters; DenseNet-121 needs ~13 MB of activations per 224 px image (~4.3 GB at 4096 px).
+MAX_DENSE_LAYERS = 1_000
+MAX_PARAMETERS = 200_000_000
+MAX_FEATURE_BYTES = 8 << 30
+# Allowed values of the DenseNetSE arguments: checked here (ValueError) and, as model.*, by config.validate.
+ALLOWED: dict[str, Rule] = {
+    "growth_rate": at_least(1),
+    "block_config": Range(
+        lambda v: (
+            isinstance(v, Sequence)
+            and not isinstance(v, (str, bytes))
+            and 1 <= len(v) <= MAX_DENSE_LAYERS
+            and all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in v)
+            and sum(v) <= MAX_DENSE_LAYERS
+        ),
+        f"a non-empty list of integers >= 1, at most {MAX_DENSE_LAYERS} layers in all",
+    ),
+    "num_init_features": at_least(1),
+    "bn_size": at_least(1),
+    "compression_rate": interval(0, 1, "(]"),
+    "drop_rate": interval(0, 1, "[)"),
+    "se_reduction": at_least(1),
+    "se_placement": SE_PLACEMENTS,
+}
 
 
 class _DenseLayer(nn.Module):
@@ -202,13 +222,7 @@ class DenseNetSE(nn.Module):
 
         self.num_classes = num_classes
         self.se_placement = se_placement
-        self.layout = {
-            "growth_rate": growth_rate,
-            "block_config": block_config,
-            "num_init_features": num_init_features,
-            "bn_size": bn_size,
-            "compression_rate": compression_rate,
-        }
+        self.layout = {key: checked[key] for key in DENSENET121_LAYOUT}
 
         self.features = nn.Sequential(
             OrderedDict(
@@ -259,34 +273,16 @@ class DenseNetSE(nn.Module):
         return self.classifier(x.mean((2, 3)))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {shown(value)}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, interval: str, ok: Callable[[float], bool]) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not ok(float(value)):
-        raise ValueError(f"{name} must be a number in {interval}, got {shown(value)}")
-    return float(value)
-
-
-def _check_block_config(value: object) -> tuple[int, ...]:
-    message = (
-        f"block_config must be a non-empty list of at most {MAX_DENSE_LAYERS} integers >= 1 in all (layers "
-        f"per dense block), got {shown(value)}"
-    )
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or not 0 < len(value) <= MAX_DENSE_LAYERS
-    ):
+def _argument(name: str, value: object, kind: type, rule: Rule | None = None) -> Any:
+    """`value` if it is a `kind` its rule (ALLOWED[name]) allows, else ValueError in the words of the rule."""
+    rule = ALLOWED[name] if rule is None else rule
+    if isinstance(rule, tuple) or (isinstance(value, kind) and not isinstance(value, (bool, str, bytes))):
+        message = problem(name, value, rule)
+    else:
+        message = f"{name}={shown(value)} is out of range; it must be {rule.words}."
+    if message:
         raise ValueError(message)
-    if any(isinstance(n, bool) or not isinstance(n, Integral) or n < 1 for n in value):
-        raise ValueError(message)
-    if sum(value) > MAX_DENSE_LAYERS:
-        raise ValueError(message)
-    return tuple(int(n) for n in value)
+    return value
 
 
 def _check_pretrained(value: object) -> None:
@@ -313,19 +309,17 @@ def check_layout(
     """DenseNetSE's settings checked (types, ranges, parameter count) and normalised; ValueError names the first
     bad one. Nothing is allocated, so untrusted values (a checkpoint's hyper_parameters) can be checked here."""
     checked: dict[str, Any] = {
-        "num_classes": _check_int("num_classes", num_classes, 2),
-        "growth_rate": _check_int("growth_rate", growth_rate, 1),
-        "block_config": _check_block_config(block_config),
-        "num_init_features": _check_int("num_init_features", num_init_features, 1),
-        "bn_size": _check_int("bn_size", bn_size, 1),
-        "compression_rate": _check_real("compression_rate", compression_rate, "(0, 1]", lambda v: 0 < v <= 1),
-        "drop_rate": _check_real("drop_rate", drop_rate, "[0, 1)", lambda v: 0 <= v < 1),
-        "se_reduction": _check_int("se_reduction", se_reduction, 1),
-        "se_placement": se_placement,
+        "num_classes": int(_argument("num_classes", num_classes, Integral, at_least(2))),
+        "growth_rate": int(_argument("growth_rate", growth_rate, Integral)),
+        "block_config": tuple(int(n) for n in _argument("block_config", block_config, Sequence)),
+        "num_init_features": int(_argument("num_init_features", num_init_features, Integral)),
+        "bn_size": int(_argument("bn_size", bn_size, Integral)),
+        "compression_rate": float(_argument("compression_rate", compression_rate, Real)),
+        "drop_rate": float(_argument("drop_rate", drop_rate, Real)),
+        "se_reduction": int(_argument("se_reduction", se_reduction, Integral)),
+        "se_placement": _argument("se_placement", se_placement, str),
         "memory_efficient": memory_efficient,
     }
-    if not isinstance(se_placement, str) or se_placement not in SE_PLACEMENTS:
-        raise ValueError(f"se_placement must be one of {', '.join(SE_PLACEMENTS)}, got {shown(se_placement)}")
     if not isinstance(memory_efficient, bool):
         raise ValueError(f"memory_efficient must be true or false, got {shown(memory_efficient)}")
     block_channels = _block_channels(
@@ -342,14 +336,6 @@ def check_layout(
         )
     check_parameter_count(**{k: v for k, v in checked.items() if k not in ("drop_rate", "memory_efficient")})
     return checked
-
-
-# Plausible sizes, checked before anything is allocated: a checkpoint or a resumed run's config may come from
-# someone else, and the network is built from these numbers. DenseNet-264 has 130 dense layers and ~33M
-# parameters; DenseNet-121 needs ~13 MB of activations per 224 px image (~4.3 GB at 4096 px).
-MAX_DENSE_LAYERS = 1_000
-MAX_PARAMETERS = 200_000_000
-MAX_FEATURE_BYTES = 8 << 30
 
 
 def parameter_count(
@@ -451,6 +437,14 @@ def _block_channels(
                 )
             num_features = int(num_features * compression_rate)
     return channels
+
+
+# Every DenseNetSE argument but num_classes, from its signature: the model.* keys that build the network.
+MODEL_KEYS = tuple(
+    name
+    for name, param in inspect.signature(DenseNetSE.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 # Pretrained weights -------------------------------------------------------------------------------------

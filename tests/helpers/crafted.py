@@ -35,7 +35,7 @@ def checkpoint_run(base: Path, classes: dict[str, int]) -> dict[str, Path]:
 
     `classes` must name tiny_checkpoint's classes (a, b, c) with a count of images each.
     """
-    from conftest import make_image_folder
+    from helpers.images import make_image_folder
 
     run_dir = base / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -54,9 +54,10 @@ def resumable_run(base: Path, overrides: tuple[str, ...] = ()) -> Path:
     split.json from the data module, and tiny_checkpoint's model as checkpoints/last.ckpt (TINY's layout)."""
     from omegaconf import OmegaConf
 
-    from conftest import CONF, TINY, make_image_folder
     from densenet_se.config import compose_train_config, plain
     from densenet_se.data import ImageFolderDataModule
+    from helpers.config import CONF, TINY
+    from helpers.images import make_image_folder
 
     images = make_image_folder(base / "images", {"a": 4, "b": 4, "c": 4}, size=40)
     cfg = compose_train_config([*TINY, f"data.root={images}", "print_config=false", *overrides], base, CONF)

@@ -1,6 +1,6 @@
 """Test-only Lightning callbacks that hold a run at a known point (for SIGKILL) or break it there.
 
-Used through the config (`+callbacks.pause._target_=faultinject.PauseAtBatch`) with tests/ on PYTHONPATH.
+Used through the config (`+callbacks.pause._target_=helpers.faultinject.PauseAtBatch`) with tests/ on PYTHONPATH.
 """
 
 from __future__ import annotations

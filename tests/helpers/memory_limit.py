@@ -15,10 +15,10 @@ import os
 import resource
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 import densenet_se.evaluate  # noqa: E401, E402, F401
-from trained import entry_point  # noqa: E402
+from helpers.runs import entry_point  # noqa: E402
 
 
 def mapped_bytes() -> int:

@@ -1,9 +1,12 @@
-"""One tiny trained run shared by the eval, predict and export tests: trained once per pytest session."""
+"""Runs for tests: `python train.py` subprocesses, entry points in-process, and one tiny trained run shared by
+the eval, predict and export tests (trained once per pytest session)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -11,11 +14,32 @@ from types import ModuleType
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, make_image_folder
-from test_train import compose_cfg
+from helpers.config import ROOT, TINY, compose_cfg
+from helpers.images import make_image_folder
 
 CLASSES = {"Monkeypox": 24, "Others": 24}
 _RUN: dict[str, Path] = {}
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for `python train.py ...` subprocesses: no terminal tricks, quiet progress."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python train.py args...` in a fresh interpreter; stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,8 +1,9 @@
-"""Make tiny image files for the data tests: good ones in every mode, and every kind of bad one."""
+"""Tiny images for tests: learnable ImageFolder trees, noise images in every mode, every kind of bad file."""
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -82,3 +83,40 @@ def write_bad_files(folder: Path) -> dict[str, str]:
         "notes.jpg": "not an image",
         "bomb.png": "bomb",
     }
+
+
+def make_image_folder(
+    root: Path, classes: dict[str, int] | None = None, size: int = 40, seed: int = 0, ext: str = "png"
+) -> Path:
+    """An ImageFolder tree whose classes differ by a learnable pattern (bright disc vs. stripes)."""
+    classes = classes or {"Monkeypox": 12, "Others": 12}
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for c, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            base = rng.integers(60, 160, size=3)
+            img = np.ones((size, size, 3)) * base
+            if c % 2 == 0:
+                cy, cx = rng.integers(size // 4, 3 * size // 4, size=2)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2] = 240
+            else:
+                img[:, (xx[0] // max(2, c + 1)) % 2 == 0] = 20
+            img += rng.normal(0, 8, img.shape)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{name.lower()}_{i:03d}.{ext}")
+    return root
+
+
+def split_files(split_json: Path, name: str) -> list:
+    """The [relative path, label] entries of one split in a run's split.json."""
+    return json.loads(Path(split_json).read_text())[name]
+
+
+def class_files(counts: list[int]) -> tuple[list[str], list[int]]:
+    """Relative paths and labels of `counts[c]` files per class c (for split tests that need no images)."""
+    files, labels = [], []
+    for label, n in enumerate(counts):
+        files += [f"c{label}/img_{i:04d}.jpg" for i in range(n)]
+        labels += [label] * n
+    return files, labels
