@@ -18,6 +18,7 @@ from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.images import normalize
 from densenet_se.data.loaders import DeviceBatches
 from densenet_se.errors import UserError
+from densenet_se.names import parse_file_list
 from imagefactory import make_tree, noise_image, write_bad_files, write_image
 
 S = 32
@@ -142,7 +143,9 @@ def test_undecodable_file_names_are_handled(tree, tmp_path):
     out = tmp_path / "run"
     dm = _dm(tree, tmp_path, output_dir=str(out))
     dm.setup()
-    assert (out / "bad_files.txt").read_bytes().startswith(bytes(tree / "Others") + b"/caf\xe9.jpg\tempty")
+    # Listed escaped (valid UTF-8, one line), and parse_file_list gives back the exact name.
+    assert (out / "bad_files.txt").read_bytes().startswith(bytes(tree / "Others") + b"/caf\\xe9.jpg\tempty")
+    assert parse_file_list((out / "bad_files.txt").read_text(encoding="utf-8"))[0][0] == bad
     assert len(dm.files) == 23 and json.loads((out / "split.json").read_text())["counts"]["train"] == [9, 10]
 
 

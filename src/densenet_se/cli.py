@@ -7,6 +7,7 @@ A bad override, an unknown key, an out-of-range value or a missing data folder p
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -47,6 +48,7 @@ def hydra_entry(
             _report_and_exit(ex, schema)
 
     def main() -> Any:
+        _escape_unprintable_output()
         trace = wants_trace()
         saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", _OURS)}
         if not trace:
@@ -80,6 +82,13 @@ def hydra_entry(
         return result
 
     return main
+
+
+def _escape_unprintable_output() -> None:
+    """A file or class name that is not UTF-8 is printed escaped (\\udcXX) instead of stopping the program."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _report_and_exit(ex: BaseException, schema: Any = None, detail: str = "") -> None:

@@ -28,6 +28,7 @@ from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_sp
 from densenet_se.distributed import eval_sampler, eval_shard
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.names import display_name, file_list_text
 
 log = logging.getLogger("densenet_se.data")
 
@@ -210,7 +211,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         # Classes whose every file is unreadable are dropped like empty folders, and labels renumbered.
         used = sorted({scan.labels[i] for i in good})
         for label in set(range(len(scan.class_names))) - set(used):
-            log.warning("ignoring folder %s: none of its images can be read", root / scan.class_names[label])
+            folder = display_name(str(root / scan.class_names[label]))
+            log.warning("ignoring folder %s: none of its images can be read", folder)
         relabel = {old: new for new, old in enumerate(used)}
         class_names = [scan.class_names[old] for old in used]
         if len(class_names) < 2:
@@ -281,7 +283,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         summary = group_summary(labels, groups, self.class_names)
         mixed = summary.pop("mixed_class")
         report["groups"] = {"by": f"data.{key}", "value": value, **summary, "mixed_class": len(mixed)}
-        per_class = ", ".join(f"{name} {n}" for name, n in summary["per_class"].items())
+        per_class = ", ".join(f"{display_name(name)} {n}" for name, n in summary["per_class"].items())
         log.info(
             "split: grouped by data.%s='%s': %d source groups (%s), each kept whole in one split%s",
             key,
@@ -304,7 +306,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         for name in ("val", "test"):
             if name == "test" and not self.has_test:
                 continue
-            missing = [c for c, n in zip(self.class_names, counts[name], strict=True) if n == 0]
+            missing = [display_name(c) for c, n in zip(self.class_names, counts[name], strict=True) if n == 0]
             if missing:
                 fix = "lower data.folds" if name == "val" and self.folds else f"raise data.{name}_fraction"
                 log.warning(
@@ -322,19 +324,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.output_dir is not None:
             listing = self.output_dir / "bad_files.txt"
             if self._is_global_zero():
-                atomic_write_text(
-                    listing, "".join(f"{p}\t{r}\n" for p, r in self.bad_files), errors="surrogateescape"
-                )
+                atomic_write_text(listing, file_list_text(self.bad_files))
         if self.on_bad_file == "error":
-            shown = "; ".join(f"{p}: {r}" for p, r in self.bad_files[:5])
+            shown = "; ".join(f"{display_name(p)}: {r}" for p, r in self.bad_files[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise UserError(
                 f"data.root={root} has {len(bad)} unreadable image files ({shown}{more}); "
                 "fix or remove them, or set data.on_bad_file=skip to leave them out."
             )
-        where = (
-            f"listed in {listing}" if listing else f"first: {self.bad_files[0][0]}: {self.bad_files[0][1]}"
-        )
+        first = self.bad_files[0]
+        where = f"listed in {listing}" if listing else f"first: {display_name(first[0])}: {first[1]}"
         log.warning("skipped %d of %d image files that cannot be read (%s)", len(bad), total, where)
 
     def _write_split(self) -> None:

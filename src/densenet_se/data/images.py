@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from densenet_se.errors import UserError
+from densenet_se.names import display_name
 
 log = logging.getLogger("densenet_se.data")
 
@@ -83,11 +84,13 @@ def scan_image_folder(
         if not entry.is_dir():  # follows symlinks; plain files at the top level are not classes
             continue
         if _is_hidden(entry.name):
-            log.warning("ignoring hidden folder %s", Path(root, entry.name))
+            log.warning("ignoring hidden folder %s", display_name(str(Path(root, entry.name))))
             continue
         class_files = _walk_files(Path(root, entry.name), exts)
         if not class_files:
-            log.warning("ignoring folder %s: it holds no image files", Path(root, entry.name))
+            log.warning(
+                "ignoring folder %s: it holds no image files", display_name(str(Path(root, entry.name)))
+            )
             continue
         files.extend(class_files)
         labels.extend([len(class_names)] * len(class_files))
