@@ -209,6 +209,11 @@ def _batches(open_low: bool = False) -> Any:
     return ok
 
 
+def _int(ok: Any) -> Any:
+    """An untyped (trainer.*) key that Lightning needs as an int: 1e3 or 10.0 is refused, not passed on."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and ok(v)
+
+
 # key -> (predicate, allowed range in words)
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.image_size": (lambda v: v >= 32, "an integer >= 32"),
@@ -236,18 +241,26 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "optim.label_smoothing": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     # Lightning accepts some of these and fails later (a modulo by zero) or trains nothing.
-    "trainer.max_epochs": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.min_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1 (or null)"),
-    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.num_sanity_val_steps": (lambda v: v >= -1, "an integer >= 0, or -1 for all"),
+    "trainer.max_epochs": (_int(lambda v: v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
+    "trainer.min_epochs": (_int(lambda v: v >= 0), "an integer >= 0"),
+    "trainer.max_steps": (_int(lambda v: v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
+    "trainer.min_steps": (_int(lambda v: v >= 0), "an integer >= 0"),
+    "trainer.accumulate_grad_batches": (_int(lambda v: v >= 1), "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": (_int(lambda v: v >= 1), "an integer >= 1 (or null)"),
+    "trainer.log_every_n_steps": (_int(lambda v: v >= 1), "an integer >= 1"),
+    "trainer.num_sanity_val_steps": (_int(lambda v: v >= -1), "an integer >= 0, or -1 for all"),
+    "trainer.num_nodes": (_int(lambda v: v >= 1), "an integer >= 1"),
+    "trainer.reload_dataloaders_every_n_epochs": (_int(lambda v: v >= 0), "an integer >= 0"),
+    "trainer.fast_dev_run": (
+        lambda v: v is True or v is False or _int(lambda n: n >= 0)(v),
+        "true, false or an integer >= 0",
+    ),
     "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (or null)"),
     "trainer.val_check_interval": (_batches(True), "a fraction in (0, 1] or a number of batches >= 1"),
     "trainer.limit_train_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
     "trainer.limit_val_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
     "trainer.limit_test_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
+    "trainer.overfit_batches": (_batches(), "a fraction in [0, 1] or a number of batches >= 0"),
 }
 
 
