@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 import densenet_se.config as config  # registers the schemas in Hydra's ConfigStore
 from densenet_se import sweep  # registers the resolvers conf/hydra/ uses
 from densenet_se.errors import UserError
+from densenet_se.io import storage_error
 
 EXIT_USER_ERROR = 2
 _OURS = "DENSENET_SE_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR=1 as set by us, not by the person
@@ -111,7 +112,7 @@ def _is_config_error(ex: BaseException) -> bool:
 
 
 def _is_user_error(ex: BaseException) -> bool:
-    return isinstance(ex, (UserError, ValueError)) or _is_config_error(ex)
+    return isinstance(ex, (UserError, ValueError)) or _is_config_error(ex) or storage_error(ex) is not None
 
 
 def describe(ex: BaseException, schema: Any = None) -> str:
@@ -125,6 +126,9 @@ def describe(ex: BaseException, schema: Any = None) -> str:
     user_error = _user_error_in_chain(ex)
     if user_error is not None:  # also one raised inside a resolver, e.g. resume=RUN_DIR in hydra.run.dir
         return str(user_error)
+    refused = storage_error(ex)  # a full disk under a writer that is not ours (Hydra, TensorBoard, logging)
+    if refused is not None:
+        return str(refused)
     if isinstance(ex, MissingConfigException):
         missing = (ex.missing_cfg_file or "").strip("/")
         if ex.options:
