@@ -226,10 +226,10 @@ def test_no_decoding_in_a_cached_epoch(tree, tmp_path, count_decodes):
     assert len(count_decodes) == before + 4  # the counter does see per-access decoding
 
 
-def test_disk_cache_is_reused_and_keyed_by_file_stats(tree, tmp_path, count_decodes):
+def test_disk_cache_is_reused_and_keyed_by_file_content(tree, tmp_path, count_decodes):
     _dm(tree, tmp_path, cache="disk").setup()
     assert len(count_decodes) == 22
-    files = list((tmp_path / "cache" / "images").glob("*.pt"))
+    files = list((tmp_path / "cache" / "images").glob("*.u8"))
     assert len(files) == 1 and files[0].name.startswith(f"{S}px-")
     second = _dm(tree, tmp_path, cache="disk")
     second.setup()
@@ -238,18 +238,22 @@ def test_disk_cache_is_reused_and_keyed_by_file_stats(tree, tmp_path, count_deco
     touched = tree / "Others" / "img_000.png"
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     _dm(tree, tmp_path, cache="disk").setup()
-    assert len(count_decodes) == 44  # a changed file means a new cache entry
-    assert len(list((tmp_path / "cache" / "images").glob("*.pt"))) == 2
+    assert len(count_decodes) == 22  # a new mtime, the same bytes: the same entry
+    write_image(tree / "Others" / "img_001.png", noise_image(999))
+    _dm(tree, tmp_path, cache="disk").setup()
+    assert len(count_decodes) == 44  # other bytes mean a new cache entry
+    assert len(list((tmp_path / "cache" / "images").glob("*.u8"))) == 2
 
 
 def test_corrupt_disk_cache_is_rebuilt(tree, tmp_path, caplog):
     _dm(tree, tmp_path, cache="disk").setup()
-    (cache_file,) = (tmp_path / "cache" / "images").glob("*.pt")
+    (cache_file,) = (tmp_path / "cache" / "images").glob("*.u8")
     cache_file.write_bytes(b"garbage")
     dm = _dm(tree, tmp_path, cache="disk")
     with caplog.at_level(logging.WARNING, logger="densenet_se.data"):
         dm.setup()
-    assert "ignoring unreadable image cache" in caplog.text and len(dm.files) == 22
+    assert "is not an image cache of this version; decoding the images again" in caplog.text
+    assert len(dm.files) == 22
 
 
 def test_uncached_runs_remember_check_results(tree, tmp_path, monkeypatch):

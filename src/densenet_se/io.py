@@ -77,6 +77,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return _atomic_write(path, lambda f: f.write(data))
 
 
+def atomic_write_parts(path: str | os.PathLike[str], parts: Iterable[bytes | bytearray | memoryview]) -> Path:
+    """Write the concatenation of `parts` to `path` atomically, without joining them in memory first."""
+
+    def write(f: IO[bytes]) -> None:
+        for part in parts:
+            f.write(part)
+
+    return _atomic_write(path, write)
+
+
 def atomic_write_text(
     path: str | os.PathLike[str], text: str, encoding: str = "utf-8", errors: str = "strict"
 ) -> Path:

@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from densenet_se.data import cache as cache_lib
+from densenet_se.data import diskcache
 from densenet_se.data.augment import augment_batch, build_augmentation
+from densenet_se.data.digests import DIGEST_NAME, file_digests
 from densenet_se.data.groups import (
     csv_groups_for,
     group_summary,
@@ -127,6 +129,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.split_report: dict = {}
         self.bad_files: list[tuple[str, str]] = []
         self.files: list[str] = []
+        self.digests: list[str] = []  # content digest of each file in self.files
         self._labels = torch.empty(0, dtype=torch.long)
         self._images: torch.Tensor | None = None
         self._indices: dict[str, list[int]] = {}
@@ -169,29 +172,35 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _decoded(
         self, root: Path, files: list[str]
-    ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]]]:
-        """(indices of good files, their uint8 images or None if cache="none", bad files), cached as asked."""
-        stats = cache_lib.file_stats(root, files)
+    ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]], list[str]]:
+        """(indices of good files, their uint8 images or None if cache="none", bad files, digest of each file)."""
+        if self.cache == "memory" or self.cache == "device":  # one read per file: hashed and decoded
+            return cache_lib.decode_files_with_digests(root, files, self.image_size, self.max_image_pixels)
+        digests = file_digests(root, files)
         if self.cache == "none":
             known = cache_lib.load_check_index(self.cache_dir, root, self.max_image_pixels)
-            bad, results = cache_lib.check_files(root, stats, self.max_image_pixels, known)
+            bad, results = cache_lib.check_files(root, files, digests, self.max_image_pixels, known)
             if results != known and self._is_global_zero():
                 cache_lib.save_check_index(self.cache_dir, root, self.max_image_pixels, results)
             bad_set = {rel for rel, _ in bad}
-            return [i for i, rel in enumerate(files) if rel not in bad_set], None, bad
-        if self.cache == "disk":
-            key = cache_lib.cache_key(root, stats, self.image_size, self.max_image_pixels)
-            path = cache_lib.disk_cache_path(self.cache_dir, key, self.image_size)
-            entry = cache_lib.load_disk_cache(path)
-            if entry is not None:
-                position = {rel: i for i, rel in enumerate(files)}
-                good = [position[rel] for rel in entry["files"]]
-                return good, entry["images"], [tuple(b) for b in entry["bad"]]
-            good, images, bad = cache_lib.decode_files(root, files, self.image_size, self.max_image_pixels)
-            if self._is_global_zero():
-                cache_lib.save_disk_cache(path, [files[i] for i in good], bad, images)
-            return good, images, bad
-        return cache_lib.decode_files(root, files, self.image_size, self.max_image_pixels)
+            return [i for i, rel in enumerate(files) if rel not in bad_set], None, bad, digests
+        key = cache_lib.cache_key(
+            list(zip(files, digests, strict=True)), self.image_size, self.max_image_pixels
+        )
+        path = cache_lib.disk_cache_path(self.cache_dir, key, self.image_size)
+        entry = diskcache.load(path, key, self.image_size, files)
+        if entry is not None:
+            position = {rel: i for i, rel in enumerate(files)}
+            return [position[rel] for rel in entry.files], entry.images, entry.bad, digests
+        good, images, bad, _ = cache_lib.decode_files_with_digests(
+            root, files, self.image_size, self.max_image_pixels, expected=digests
+        )
+        if self._is_global_zero():
+            try:
+                diskcache.save(path, key, [files[i] for i in good], bad, images)
+            except OSError as err:  # a cache is optional: a full disk costs the next run a decode, no more
+                log.warning("could not write the image cache %s (%s); the next run decodes again", path, err)
+        return good, images, bad, digests
 
     def setup(self, stage: str | None = None) -> None:
         """Scan, check, split and decode; safe to call again (Lightning calls it once per stage)."""
@@ -204,7 +213,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.root={root} has no images in class sub-folders; expected {root}/<class>/<image>.jpg."
             )
         group_of = self._group_of(scan.files)  # before decoding: a bad pattern or CSV fails in a second
-        good, images, bad = self._decoded(root, scan.files)
+        good, images, bad, digests = self._decoded(root, scan.files)
         self._report_bad(root, bad, len(scan.files))
         if not good:
             raise UserError(f"data.root={root} has no readable images ({len(bad)} files could not be read).")
@@ -221,6 +230,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"({', '.join(class_names) or 'none'}); at least 2 are needed, one sub-folder per class."
             )
         self.files = [scan.files[i] for i in good]
+        self.digests = [digests[i] for i in good]
         labels = [relabel[scan.labels[i]] for i in good]
         groups = None
         if group_of is not None:  # the CSV needs rows for the images in use only, not for unreadable ones
@@ -249,6 +259,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.has_test = bool(split["test"])
         counts = split_class_counts(split, self.num_classes)
         self.split = {"root": str(root), "class_names": class_names, **split, "counts": counts}
+        # What each image held when the run started: resume refuses a folder whose pictures changed.
+        self.split["digest"] = DIGEST_NAME
+        self.split["digests"] = dict(zip(self.files, self.digests, strict=True))
         self.split_report = self._report_split(labels, groups)
         self._warn_missing_classes(counts)
         self._write_split()
@@ -340,12 +353,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.output_dir is None or not self._is_global_zero():
             return
         # One [path, label] pair (or "path": group / fold) per line keeps split.json readable and diffable.
-        bulky = (*SPLITS, "fold_index", "groups")
+        bulky = (*SPLITS, "fold_index", "groups", "digests")
         items = [(k, json.dumps(v)) for k, v in self.split.items() if k not in bulky]
         for key in SPLITS:
             rows = [json.dumps(pair) for pair in self.split[key]]
             items.append((key, "[\n" + ",\n".join(f"    {r}" for r in rows) + "\n  ]" if rows else "[]"))
-        for key in ("fold_index", "groups"):
+        for key in ("fold_index", "groups", "digests"):
             if key in self.split:
                 rows = [f"{json.dumps(p)}: {json.dumps(v)}" for p, v in self.split[key].items()]
                 items.append((key, "{\n" + ",\n".join(f"    {r}" for r in rows) + "\n  }" if rows else "{}"))
@@ -366,7 +379,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         indices = self._indices[name]
         if self._images is None:
             return FileImages(
-                self._root, self.files, self._labels, indices, self.image_size, self.max_image_pixels
+                self._root,
+                self.files,
+                self._labels,
+                indices,
+                self.image_size,
+                self.max_image_pixels,
+                digests=self.digests,
             )
         return CachedImages(self._images, self._labels, indices)
 
