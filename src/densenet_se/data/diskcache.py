@@ -1,6 +1,6 @@
 """The disk cache file: decoded uint8 images in checksummed shards, verified and copied into memory on load.
 
-Layout: MAGIC, the header's length (8 bytes, little-endian), the header's BLAKE2b-128 digest (16 bytes), the
+Layout: MAGIC, the header's length (8 bytes, little-endian), the header's digest (16 bytes, digests.DIGEST_NAME), the
 header (JSON: key, image size, good files, bad files, shard size, one digest per shard), then the pixels,
 uint8 [count, 3, S, S]. The file is untrusted (anyone with write access to the cache folder could have made
 it): sizes are checked against the folder being read before anything is allocated, and any mismatch means
@@ -10,7 +10,6 @@ it during a run cannot touch the run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ class CacheEntry:
 
 
 def _header_digest(header: bytes) -> bytes:
-    return hashlib.blake2b(header, digest_size=16).digest()
+    return bytes.fromhex(digest_bytes(header))
 
 
 def _shards(count: int, row_bytes: int) -> tuple[int, list[tuple[int, int]]]:

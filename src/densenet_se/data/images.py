@@ -128,17 +128,22 @@ def max_file_bytes(max_image_pixels: int) -> int:
 def read_image_file(path: str | os.PathLike[str], max_image_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
     """A file's bytes, read once (to hash and decode the same bytes); BadImageError if too big or unreadable."""
     limit = max_file_bytes(max_image_pixels)
+    too_big = f"file larger than {limit} bytes, more than an image of data.max_image_pixels holds"
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise BadImageError(too_big)
+            # size + 1, not limit + 1: read(n) allocates n bytes up front (hundreds of MB for the limit).
+            data = f.read(size + 1)
+            if len(data) > size:  # it grew since fstat: read on, still bounded by the limit
+                data += f.read(limit + 1 - len(data))
     except FileNotFoundError:
         raise
     except OSError as err:  # no permission, a folder named like an image
         raise BadImageError(f"unreadable: {err.strerror or err}") from None
-    if len(data) > limit:  # checked after reading at most limit + 1 bytes: memory stays bounded
-        raise BadImageError(
-            f"file larger than {limit} bytes, more than an image of data.max_image_pixels holds"
-        )
+    if len(data) > limit:
+        raise BadImageError(too_big)
     return data
 
 
