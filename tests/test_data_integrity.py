@@ -260,3 +260,14 @@ def test_a_file_that_changes_while_it_is_read_is_an_error(tree, tmp_path):
     files = ["Monkeypox/img_000.png", "Others/img_000.png"]
     with pytest.raises(UserError, match=r"Others/img_000\.png changed while it was being read"):
         decode_files_with_digests(tree, files, S, 89_478_485, expected=["", "0" * 32])
+
+
+def test_prepare_data_and_setup_read_an_existing_entry_once(tree, tmp_path, monkeypatch):
+    _dm(tree, tmp_path)
+    loads = []
+    real_load = diskcache.load
+    monkeypatch.setattr(diskcache, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    dm = ImageFolderDataModule(root=str(tree), image_size=S, cache="disk", cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()  # the entry exists: nothing to fill, so nothing read (300 MB at 224 px)
+    dm.setup()
+    assert loads == [_cache_file(tmp_path)] and torch.equal(dm._images, _expected(tree, dm))

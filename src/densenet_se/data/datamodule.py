@@ -168,12 +168,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         root = self._check_root()
         if self.cache == "disk":
-            self._decoded(root, scan_image_folder(root, self.extensions).files)
+            self._decoded(root, scan_image_folder(root, self.extensions).files, fill_only=True)
 
     def _decoded(
-        self, root: Path, files: list[str]
+        self, root: Path, files: list[str], fill_only: bool = False
     ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]], list[str]]:
-        """(indices of good files, their uint8 images or None if cache="none", bad files, digest of each file)."""
+        """(indices of good files, their uint8 images or None if cache="none", bad files, digest of each file).
+
+        `fill_only` (prepare_data): only make sure a disk cache entry exists; setup() loads and verifies it.
+        """
         if self.cache == "memory" or self.cache == "device":  # one read per file: hashed and decoded
             return cache_lib.decode_files_with_digests(root, files, self.image_size, self.max_image_pixels)
         digests = file_digests(root, files)
@@ -188,6 +191,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             list(zip(files, digests, strict=True)), self.image_size, self.max_image_pixels
         )
         path = cache_lib.disk_cache_path(self.cache_dir, key, self.image_size)
+        if fill_only and path.is_file():
+            return [], None, [], digests
         entry = diskcache.load(path, key, self.image_size, files)
         if entry is not None:
             position = {rel: i for i, rel in enumerate(files)}
