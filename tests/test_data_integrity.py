@@ -184,7 +184,7 @@ def test_a_well_formed_entry_listing_unknown_files_is_rebuilt_not_a_key_error(tr
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncate", "header", "magic", "huge header"],
+    ["truncate", "header", "magic", "huge header", "nested header"],
 )
 def test_damaged_cache_files_are_rebuilt_with_one_warning(tree, tmp_path, caplog, damage):
     _dm(tree, tmp_path)
@@ -197,9 +197,14 @@ def test_damaged_cache_files_are_rebuilt_with_one_warning(tree, tmp_path, caplog
         data[at : at + 7] = b"img_099"
     elif damage == "magic":
         data[:8] = b"PK\x03\x04xxxx"
-    else:  # a header length that would allocate terabytes
+    elif damage == "huge header":  # a header length that would allocate terabytes
         n = len(diskcache.MAGIC)
         data[n : n + 8] = (1 << 40).to_bytes(8, "little")
+    else:  # a header with a valid checksum that no JSON parser can descend
+        header = b"[" * 20_000 + b"]" * 20_000
+        data = bytearray(
+            diskcache.MAGIC + len(header).to_bytes(8, "little") + diskcache._header_digest(header) + header
+        )
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="densenet_se.data"):
         dm = _dm(tree, tmp_path)

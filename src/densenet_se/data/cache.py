@@ -55,7 +55,7 @@ def load_check_index(cache_dir: Path, root: Path, max_image_pixels: int) -> dict
     path = _index_path(cache_dir, root)
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # missing, not JSON, or nested too deep to parse
         return {}
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         return {}

@@ -112,7 +112,12 @@ def load(path: Path, key: str, image_size: int, scanned: list[str]) -> CacheEntr
         return None
     try:
         return _load(path, key, image_size, set(scanned))
-    except (CacheMismatch, OSError, ValueError, UnicodeDecodeError) as err:
+    except (
+        CacheMismatch,
+        OSError,
+        ValueError,
+        RecursionError,
+    ) as err:  # RecursionError: a deeply nested header
         log.warning("ignoring image cache %s: %s; decoding the images again", path, err)
         return None
 
