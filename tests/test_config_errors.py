@@ -47,6 +47,11 @@ BAD: dict[str, tuple[object, str]] = {
     "trainer.check_val_every_n_epoch": (0, "an integer >= 1 (or null)"),
     "trainer.log_every_n_steps": (0, "an integer >= 1"),
     "trainer.num_sanity_val_steps": (-2, "an integer >= 0, or -1 for all"),
+    "trainer.min_steps": (-1, "an integer >= 0"),
+    "trainer.num_nodes": (0, "an integer >= 1"),
+    "trainer.reload_dataloaders_every_n_epochs": (-1, "an integer >= 0"),
+    "trainer.fast_dev_run": (-1, "true, false or an integer >= 0"),
+    "trainer.overfit_batches": (1.5, "a fraction in [0, 1] or a number of batches >= 0"),
     "trainer.gradient_clip_val": (-1.0, "a number >= 0 (or null)"),
     "trainer.val_check_interval": (0, "a fraction in (0, 1] or a number of batches >= 1"),
     "trainer.limit_train_batches": (1.5, "a fraction in [0, 1] or a number of batches >= 0"),
@@ -162,6 +167,38 @@ def test_a_string_where_a_number_belongs_is_a_range_error(base_cfg):
         validate(cfg)
 
 
+def _int_only_trainer_keys() -> list[str]:
+    """The Trainer arguments Lightning types as int or Optional[int], from its own signature."""
+    import inspect
+    from typing import Optional
+
+    import lightning as L
+
+    params = inspect.signature(L.Trainer.__init__).parameters.items()
+    return sorted(f"trainer.{name}" for name, p in params if p.annotation in (int, Optional[int]))  # noqa: UP045
+
+
+@pytest.mark.parametrize("key", _int_only_trainer_keys())
+@pytest.mark.parametrize("value", [1e3, 2.0, True])
+def test_a_float_or_bool_where_a_trainer_integer_belongs_is_refused(base_cfg, key, value):
+    cfg = copy.deepcopy(base_cfg)
+    config.OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+    assert str(err.value) == f"{key}={value} is out of range; it must be {BAD[key][1]}."
+
+
+def test_max_epochs_1e3_on_the_command_line_is_one_sentence(tmp_path, monkeypatch, capsys):
+    from helpers.runs import run_cli
+
+    status = run_cli("train", ["trainer.max_epochs=1e3", f"hydra.run.dir={tmp_path}/run"], monkeypatch)
+    err = capsys.readouterr().err
+    assert status == 2 and "AssertionError" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: trainer.max_epochs=1000.0 is out of range; it must be an integer >= 1, or -1 for no limit."
+    )
+
+
 def test_good_values_pass(base_cfg):
     cfg = copy.deepcopy(base_cfg)
     for key, value in {
@@ -169,10 +206,12 @@ def test_good_values_pass(base_cfg):
         "trainer.val_check_interval": 0.25,
         "trainer.limit_train_batches": 3,
         "trainer.num_sanity_val_steps": -1,
+        "trainer.fast_dev_run": True,
+        "trainer.overfit_batches": 0.5,
         "data.folds": 5,
         "data.fold": 4,
     }.items():
-        config.OmegaConf.update(cfg, key, value)
+        config.OmegaConf.update(cfg, key, value, force_add=True)
     validate(cfg)
 
 

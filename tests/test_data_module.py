@@ -18,6 +18,7 @@ from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.images import normalize
 from densenet_se.data.loaders import DeviceBatches
 from densenet_se.errors import UserError
+from densenet_se.names import parse_file_list
 from helpers.images import make_tree, noise_image, write_bad_files, write_image
 
 S = 32
@@ -142,7 +143,9 @@ def test_undecodable_file_names_are_handled(tree, tmp_path):
     out = tmp_path / "run"
     dm = _dm(tree, tmp_path, output_dir=str(out))
     dm.setup()
-    assert (out / "bad_files.txt").read_bytes().startswith(bytes(tree / "Others") + b"/caf\xe9.jpg\tempty")
+    # Listed escaped (valid UTF-8, one line), and parse_file_list gives back the exact name.
+    assert (out / "bad_files.txt").read_bytes().startswith(bytes(tree / "Others") + b"/caf\\xe9.jpg\tempty")
+    assert parse_file_list((out / "bad_files.txt").read_text(encoding="utf-8"))[0][0] == bad
     assert len(dm.files) == 23 and json.loads((out / "split.json").read_text())["counts"]["train"] == [9, 10]
 
 
@@ -223,10 +226,10 @@ def test_no_decoding_in_a_cached_epoch(tree, tmp_path, count_decodes):
     assert len(count_decodes) == before + 4  # the counter does see per-access decoding
 
 
-def test_disk_cache_is_reused_and_keyed_by_file_stats(tree, tmp_path, count_decodes):
+def test_disk_cache_is_reused_and_keyed_by_file_content(tree, tmp_path, count_decodes):
     _dm(tree, tmp_path, cache="disk").setup()
     assert len(count_decodes) == 22
-    files = list((tmp_path / "cache" / "images").glob("*.pt"))
+    files = list((tmp_path / "cache" / "images").glob("*.u8"))
     assert len(files) == 1 and files[0].name.startswith(f"{S}px-")
     second = _dm(tree, tmp_path, cache="disk")
     second.setup()
@@ -235,18 +238,22 @@ def test_disk_cache_is_reused_and_keyed_by_file_stats(tree, tmp_path, count_deco
     touched = tree / "Others" / "img_000.png"
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     _dm(tree, tmp_path, cache="disk").setup()
-    assert len(count_decodes) == 44  # a changed file means a new cache entry
-    assert len(list((tmp_path / "cache" / "images").glob("*.pt"))) == 2
+    assert len(count_decodes) == 22  # a new mtime, the same bytes: the same entry
+    write_image(tree / "Others" / "img_001.png", noise_image(999))
+    _dm(tree, tmp_path, cache="disk").setup()
+    assert len(count_decodes) == 44  # other bytes mean a new cache entry
+    assert len(list((tmp_path / "cache" / "images").glob("*.u8"))) == 2
 
 
 def test_corrupt_disk_cache_is_rebuilt(tree, tmp_path, caplog):
     _dm(tree, tmp_path, cache="disk").setup()
-    (cache_file,) = (tmp_path / "cache" / "images").glob("*.pt")
+    (cache_file,) = (tmp_path / "cache" / "images").glob("*.u8")
     cache_file.write_bytes(b"garbage")
     dm = _dm(tree, tmp_path, cache="disk")
     with caplog.at_level(logging.WARNING, logger="densenet_se.data"):
         dm.setup()
-    assert "ignoring unreadable image cache" in caplog.text and len(dm.files) == 22
+    assert "is not an image cache of this version; decoding the images again" in caplog.text
+    assert len(dm.files) == 22
 
 
 def test_uncached_runs_remember_check_results(tree, tmp_path, monkeypatch):

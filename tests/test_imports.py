@@ -119,6 +119,7 @@ def test_models_and_data_import_nothing_of_the_training_stack():
         "densenet_se.distributed",
         "densenet_se.checks",
         "densenet_se.archive",
+        "densenet_se.names",
     }
     graph = import_graph(PACKAGE)
     for name, edges in graph.items():

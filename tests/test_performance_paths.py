@@ -226,6 +226,23 @@ def test_compare_notebook_prints_its_table(capsys):
     assert any("train 12 + val 4 images per epoch" in line for line in lines)  # 2 x 8 images, 80/20 split
 
 
+def test_integrity_cost_prints_its_tables(capsys, tmp_path):
+    integrity = _benchmark_module("integrity_cost")
+    integrity.main(
+        ["--images-per-class", "4", "--image-size", "32", "--repeats", "1", "--work-dir", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("8 files") and "cache of 8 images at 32 px" in out
+    for row in (
+        "file_digests: sha256-128 (used)",
+        "read once, hash + decode (now)",
+        "verified load",
+        "check the digest",
+    ):
+        line = next(line for line in out.splitlines() if row in line)
+        assert float(line.split()[-2]) > 0 and float(line.split()[-1]) > 0, line
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_model_throughput_prints_its_table():

@@ -302,7 +302,7 @@ def test_two_job_sweep_of_list_values(tmp_path, image_folder):
     assert block_configs == ["[1, 1]", "[1, 2]"]
 
     # The jobs share one decoded-image cache on disk: written by job 0, only read by job 1.
-    caches = list((tmp_path / "cache" / "images").glob("*.pt"))
+    caches = list((tmp_path / "cache" / "images").glob("*.u8"))
     assert len(caches) == 1
     job1_started = (jobs[1] / ".hydra" / "overrides.yaml").stat().st_mtime_ns
     assert caches[0].stat().st_mtime_ns < job1_started

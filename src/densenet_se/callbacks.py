@@ -45,7 +45,10 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
 class RunReport(L.Callback):
     """Keeps the per-epoch history (saved in checkpoints, so resume continues it) and writes the run's reports.
 
-    Only rank 0 writes files; every write is atomic, so a kill never leaves a half file.
+    Only rank 0 writes files; every write is atomic, so a kill never leaves a half file. An epoch enters
+    metrics.json only once the checkpoints it writes are on disk (at the next epoch's start or the end of
+    training, as checkpoint callbacks save after this one), so metrics.json never lists an epoch that
+    last.ckpt lacks, e.g. when the disk fills up while last.ckpt is written.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class RunReport(L.Callback):
         self.total_seconds = 0.0
         self._epoch_start: float | None = None
         self._validated_epoch: int | None = None
+        self._saved_epoch = -1  # epochs up to this one are in metrics.json: their checkpoints are written
 
     # Lightning stores this in every checkpoint (plain values only), so a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
@@ -82,6 +86,7 @@ class RunReport(L.Callback):
         if self.epochs:
             return
         self.epochs = list(state_dict.get("epochs", []))
+        self._saved_epoch = max((int(r["epoch"]) for r in self.epochs), default=-1)
         self.confmats = {int(k): v for k, v in state_dict.get("confmats", {}).items()}
         self.total_seconds = float(state_dict.get("total_seconds", 0.0))
 
@@ -94,7 +99,19 @@ class RunReport(L.Callback):
         self._write_hparams(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit(trainer)  # the previous epoch's checkpoints were written without error
         self._epoch_start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit(trainer)
+
+    def _commit(self, trainer: L.Trainer) -> None:
+        """List every finished epoch in metrics.json: called once the checkpoints of those epochs are saved."""
+        last = max((r["epoch"] for r in self.epochs), default=-1)
+        if last > self._saved_epoch:
+            self._saved_epoch = last
+            if trainer.is_global_zero:
+                self.write_metrics(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the module's,
@@ -126,8 +143,9 @@ class RunReport(L.Callback):
         row["seconds"] = round(seconds, 3)
         self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
         self.total_seconds += row["seconds"]  # the rounded epoch times, so the total is their sum
-        if trainer.is_global_zero:
-            self.write_metrics(trainer)
+        if (
+            trainer.is_global_zero
+        ):  # metrics.json follows in _commit, once this epoch's checkpoints are written
             log.info(
                 "epoch %d/%d  loss %s  acc %s  val_loss %s  val_acc %s  %.1fs",
                 trainer.current_epoch + 1,
@@ -153,10 +171,14 @@ class RunReport(L.Callback):
             plots.save_figure(fig, self.run_dir / "confusion_matrix.png")
 
     # ------------------------------------------------------------------------------------------------ reports
+    def saved_epochs(self) -> list[dict[str, Any]]:
+        """The rows of the epochs whose checkpoints are written: what metrics.json lists."""
+        return [r for r in self.epochs if r["epoch"] <= self._saved_epoch]
+
     def best(self) -> dict[str, Any] | None:
-        """The epoch with the best validation value of metrics.BEST, accuracy (the first on ties, like ModelCheckpoint)."""
+        """The epoch with the best validation value of metrics.BEST (the first on ties, like ModelCheckpoint)."""
         key = f"val_{BEST}"
-        scored = [r for r in self.epochs if r.get(key) is not None]
+        scored = [r for r in self.saved_epochs() if r.get(key) is not None]
         if not scored:
             return None
         return max(scored, key=lambda r: (best_sign() * r[key], -r["epoch"]))
@@ -172,8 +194,8 @@ class RunReport(L.Callback):
             "best_epoch": best["epoch"] if best else None,
             "best_checkpoint": best_path,
             "class_names": self.class_names,
-            "epochs": self.epochs,
-            "total_seconds": round(self.total_seconds, 3),
+            "epochs": self.saved_epochs(),
+            "total_seconds": round(sum(r["seconds"] for r in self.saved_epochs()), 3),
             "test": self.test,
             **({"hparams": self.hparams} if self.hparams else {}),
             **self.extra,

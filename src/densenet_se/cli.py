@@ -7,6 +7,7 @@ through `run_job`: a failing job is recorded in its job_status.json and the swee
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 
 from densenet_se import config, distributed, resolvers, sweep
 from densenet_se.errors import UserError
-from densenet_se.io import atomic_write_text
+from densenet_se.io import atomic_write_text, storage_error
 from densenet_se.overrides import closest, comma_hint, quoting_hint
 
 log = logging.getLogger("densenet_se")
@@ -44,6 +45,7 @@ def hydra_entry(
         return job(cfg)
 
     def main() -> Any:
+        _escape_unprintable_output()
         trace = _wants_trace()
         saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", _OURS)}
         if not trace:
@@ -182,6 +184,15 @@ def take_last_result() -> sweep.SweepResult | None:
 
 
 # ---------------------------------------------------------------------------------------------- errors
+
+
+def _escape_unprintable_output() -> None:
+    """A file or class name that is not UTF-8 is printed escaped (\\udcXX) instead of stopping the program."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def _report_and_exit(ex: BaseException, schema: Any = None, detail: str = "") -> None:
     print(f"error: {describe(ex, schema)}{detail}", file=sys.stderr)
     if not _is_user_error(ex):
@@ -202,7 +213,7 @@ def _is_config_error(ex: BaseException) -> bool:
 
 
 def _is_user_error(ex: BaseException) -> bool:
-    return isinstance(ex, (UserError, ValueError)) or _is_config_error(ex)
+    return isinstance(ex, (UserError, ValueError)) or _is_config_error(ex) or storage_error(ex) is not None
 
 
 def describe(ex: BaseException, schema: Any = None) -> str:
@@ -216,6 +227,9 @@ def describe(ex: BaseException, schema: Any = None) -> str:
     user_error = _user_error_in_chain(ex)
     if user_error is not None:  # also one raised inside a resolver, e.g. resume=RUN_DIR in hydra.run.dir
         return str(user_error)
+    refused = storage_error(ex)  # a full disk under a writer that is not ours (Hydra, TensorBoard, logging)
+    if refused is not None:
+        return str(refused)
     if isinstance(ex, MissingConfigException):
         missing = (ex.missing_cfg_file or "").strip("/")
         if ex.options:

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from densenet_se.checks import Range, Rule, at_least, problem
+from densenet_se.checks import Range, Rule, problem
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
 
@@ -178,23 +178,35 @@ def _batches(open_low: bool = False) -> Range:
     return Range(ok, "a fraction in [0, 1] or a number of batches >= 0")
 
 
+def _integer(ok: Any, words: str) -> Range:
+    """An untyped (trainer.*) key that Lightning needs as an int: 1e3 or 10.0 is refused, not passed on."""
+    return Range(lambda v: isinstance(v, int) and not isinstance(v, bool) and ok(v), words)
+
+
 # The run's own keys and Lightning's Trainer arguments -> allowed values; data.*, model.* and optim.* live with
 # the code that uses them (see rules()).
 _RULES: dict[str, Rule] = {
     "seed": Range(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    # Lightning accepts some of these and fails later (a modulo by zero) or trains nothing.
-    "trainer.max_epochs": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.min_epochs": at_least(0),
-    "trainer.max_steps": Range(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
-    "trainer.accumulate_grad_batches": at_least(1),
-    "trainer.check_val_every_n_epoch": Range(lambda v: v >= 1, "an integer >= 1 (or null)"),
-    "trainer.log_every_n_steps": at_least(1),
-    "trainer.num_sanity_val_steps": Range(lambda v: v >= -1, "an integer >= 0, or -1 for all"),
+    # Lightning accepts some of these and fails later (a modulo by zero, a bare AssertionError) or trains nothing.
+    "trainer.max_epochs": _integer(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.min_epochs": _integer(lambda v: v >= 0, "an integer >= 0"),
+    "trainer.max_steps": _integer(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
+    "trainer.min_steps": _integer(lambda v: v >= 0, "an integer >= 0"),
+    "trainer.accumulate_grad_batches": _integer(lambda v: v >= 1, "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": _integer(lambda v: v >= 1, "an integer >= 1 (or null)"),
+    "trainer.log_every_n_steps": _integer(lambda v: v >= 1, "an integer >= 1"),
+    "trainer.num_sanity_val_steps": _integer(lambda v: v >= -1, "an integer >= 0, or -1 for all"),
+    "trainer.num_nodes": _integer(lambda v: v >= 1, "an integer >= 1"),
+    "trainer.reload_dataloaders_every_n_epochs": _integer(lambda v: v >= 0, "an integer >= 0"),
+    "trainer.fast_dev_run": Range(
+        lambda v: isinstance(v, bool) or (isinstance(v, int) and v >= 0), "true, false or an integer >= 0"
+    ),
     "trainer.gradient_clip_val": Range(lambda v: v >= 0, "a number >= 0 (or null)"),
     "trainer.val_check_interval": _batches(open_low=True),
     "trainer.limit_train_batches": _batches(),
     "trainer.limit_val_batches": _batches(),
     "trainer.limit_test_batches": _batches(),
+    "trainer.overfit_batches": _batches(),
 }
 
 

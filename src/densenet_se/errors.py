@@ -13,3 +13,7 @@ def shown(value: object, limit: int = 60) -> str:
         return f"an integer of {int(abs(value).bit_length() * 0.30103) + 1} digits"
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 6]}...{text[-3:]}"
+
+
+class StorageError(UserError, OSError):
+    """A write the storage refused (disk full, quota, read-only); still an OSError for callers that tolerate it."""

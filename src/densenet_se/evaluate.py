@@ -27,6 +27,7 @@ from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.metrics import logged
+from densenet_se.names import display_name
 from densenet_se.paths import check_output, check_outside
 from densenet_se.predict import probabilities
 
@@ -208,6 +209,7 @@ def _fmt(value: Any) -> str:
 def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) -> str:
     """A plain-text table of the metrics, per class and the confusion matrix."""
     names = metrics["class_names"]
+    shown = {name: display_name(name) for name in names}  # undecodable or control characters escaped
     lines = [
         f"split {metrics['split']}: {metrics['n']} images"
         + (" (includes the training images)" if metrics["split"] == "all" else ""),
@@ -225,21 +227,21 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
             f"  sensitivity  {_fmt(metrics['sensitivity'])}   (positive class: {metrics['positive_class']})"
         )
         lines.append(f"  specificity  {_fmt(metrics['specificity'])}")
-    width = max(12, *(len(n) for n in names))
+    width = max(12, *(len(n) for n in shown.values()))
     lines += ["", f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'support':>8}"]
     for name in names:
         lines.append(
-            f"  {name:<{width}} {_fmt(metrics[f'precision_{name}']):>9} {_fmt(metrics[f'recall_{name}']):>9} "
+            f"  {shown[name]:<{width}} {_fmt(metrics[f'precision_{name}']):>9} {_fmt(metrics[f'recall_{name}']):>9} "
             f"{metrics[f'support_{name}']:>8}"
         )
-    cell = max(9, *(len(n) for n in names))
+    cell = max(9, *(len(n) for n in shown.values()))
     lines += [
         "",
         "  confusion matrix (rows: true, columns: predicted)",
-        f"  {'':<{width}} " + " ".join(f"{n:>{cell}}" for n in names),
+        f"  {'':<{width}} " + " ".join(f"{n:>{cell}}" for n in shown.values()),
     ]
     for name, row in zip(names, metrics["confusion_matrix"], strict=True):
-        lines.append(f"  {name:<{width}} " + " ".join(f"{v:>{cell}}" for v in row))
+        lines.append(f"  {shown[name]:<{width}} " + " ".join(f"{v:>{cell}}" for v in row))
     return "\n".join(lines)
 
 

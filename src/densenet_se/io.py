@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from densenet_se.errors import StorageError
+
+# Writes the storage refuses: the person must make room or pick another place, so they get one sentence.
+STORAGE_ERRNOS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space is left on its disk", "free some space or write to another disk"),
+    errno.EDQUOT: ("your disk quota is used up", "free some space or write to another disk"),
+    errno.EROFS: ("its file system is read-only", "write to a writable folder"),
+}
+
+
+def storage_error(
+    exc: BaseException | None, path: str | os.PathLike[str] | None = None
+) -> StorageError | None:
+    """A StorageError naming `path` (else the OSError's own file) if `exc` or its cause is a refused write."""
+    from densenet_se.names import display_name
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            where = path if path is not None else exc.filename
+            name = display_name(os.fsdecode(where)) if where is not None else "a file"
+            what, fix = STORAGE_ERRNOS[exc.errno]
+            error = StorageError(f"could not write {name}: {what} ({exc.strerror}); {fix}.")
+            error.errno = exc.errno
+            return error
+        exc = exc.__cause__ or exc.__context__
+    return None
+
 
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Write through `write` into a temp file beside `path`, fsync it, then os.replace it into place."""
     path = Path(path)
+    try:
+        return _write_and_replace(path, write)
+    except Exception as exc:  # torch.save reports a full disk as a RuntimeError caused by the OSError
+        refused = storage_error(exc, path)
+        if refused is None:
+            raise
+        raise refused from exc
+
+
+def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory so os.replace is a rename on one file system (atomic); unique name per writer so
     # two processes writing at once never share a temp file, and the last os.replace wins.
@@ -35,6 +75,16 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` atomically."""
     return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_parts(path: str | os.PathLike[str], parts: Iterable[bytes | bytearray | memoryview]) -> Path:
+    """Write the concatenation of `parts` to `path` atomically, without joining them in memory first."""
+
+    def write(f: IO[bytes]) -> None:
+        for part in parts:
+            f.write(part)
+
+    return _atomic_write(path, write)
 
 
 def atomic_write_text(

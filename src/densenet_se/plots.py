@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from densenet_se.io import atomic_write_bytes  # noqa: E402
+from densenet_se.names import display_name  # noqa: E402
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> bytes:
@@ -74,7 +75,8 @@ def sample_grid_figure(images: np.ndarray, labels: Sequence[int], class_names: S
         ax.axis("off")
         if i < n:
             ax.imshow(np.transpose(images[i], (1, 2, 0)))
-            ax.set_title(class_names[int(labels[i])], fontsize=8)
+            # parse_math=False: a class named like "$x$" is a folder name, not a formula.
+            ax.set_title(display_name(class_names[int(labels[i])]), fontsize=8, parse_math=False)
     fig.tight_layout()
     return fig
 
@@ -90,11 +92,12 @@ def confusion_matrix_figure(
     size = max(3.5, 0.6 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
+    shown = [display_name(name) for name in class_names]
+    ax.set_xticks(range(k), shown, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(range(k), shown, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(display_name(title), parse_math=False)
     if k <= 30:
         for i in range(k):
             for j in range(k):

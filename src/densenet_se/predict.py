@@ -30,6 +30,7 @@ from densenet_se.data.images import (
 )
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.names import display_name, file_list_text
 from densenet_se.paths import check_output, check_outside, resolved
 
 log = logging.getLogger("densenet_se")
@@ -157,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for chunk in _chunks(files, cfg.batch_size):
             good, images, bad = load_batch(chunk, hp["image_size"], cfg.max_image_pixels, pool)
             for path, reason in bad:
-                print(f"skipped {path}: {reason}", file=sys.stderr)
+                print(f"skipped {display_name(str(path))}: {reason}", file=sys.stderr)
             skipped.extend(bad)
             if images is None:
                 continue
@@ -175,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cam.close()
     write_csv(output, rows, class_names)
     listing = skipped_path(output)
-    atomic_write_text(listing, "".join(f"{p}\t{r}\n" for p, r in skipped))
+    atomic_write_text(listing, file_list_text(skipped))
     log.info("wrote %d prediction(s) to %s", len(rows), output)
     if skipped:
         log.warning("skipped %d unreadable file(s), listed in %s", len(skipped), listing)
@@ -212,7 +213,8 @@ def write_csv(output: Path, rows: list[dict[str, Any]], class_names: list[str]) 
     writer.writerow(["path", "predicted", *class_names])
     for row in rows:
         writer.writerow([row["path"], row["predicted"], *(f"{p:.8g}" for p in row["probs"])])
-    atomic_write_text(output, buffer.getvalue())
+    # A path that is not UTF-8 is written as the bytes the file system holds (csv quotes tabs and newlines).
+    atomic_write_text(output, buffer.getvalue(), errors="surrogateescape")
 
 
 def _save_overlays(

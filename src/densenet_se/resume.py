@@ -180,6 +180,7 @@ class ResumeSession:
                     f"data.root={datamodule.root} no longer holds the images this run started with (its {name} "
                     f"differs from {saved}); restore them, or start a new run instead of resume=."
                 )
+        check_content(old, new, saved, datamodule.root)
 
     def record(self) -> None:
         """Write this session's config and command line to .hydra/resume-<time>/ (Hydra's own stay as they were).
@@ -196,6 +197,29 @@ class ResumeSession:
         atomic_write_text(staging / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
         atomic_write_text(staging / "config.yaml", OmegaConf.to_yaml(self.cfg))
         staging.rename(folder)
+
+
+def check_content(old: dict, new: dict, saved: Path, root: Any) -> None:
+    """Refuse images whose bytes differ from the content digests in the run's split.json."""
+    from densenet_se.data.digests import changed_files
+    from densenet_se.names import display_name
+
+    if "digests" not in old:  # written before digests were recorded: names were all it could check
+        log.warning("%s records no image digests (an older run); the images' content is not checked", saved)
+        return
+    try:
+        changed = changed_files(old["digests"], new.get("digests", {}))
+    except ValueError as err:
+        raise UserError(f"{saved} is damaged ({err}); start a new run instead of resume=.") from None
+    if changed:
+        shown = ", ".join(display_name(rel) for rel in changed[:3]) + (
+            f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        raise UserError(
+            f"data.root={root} holds other pictures under the names this run started with: {len(changed)} "
+            f"image(s) changed since ({shown}; their content digests differ from {saved}); restore them, "
+            "or start a new run instead of resume=."
+        )
 
 
 def _hydra_output_dir() -> Path | None:

@@ -1,4 +1,5 @@
-"""Decode-once caches: the uint8 image tensor on disk, and per-file check results for uncached runs."""
+"""Decode-once caches: decoding with content digests, the disk cache's key, and per-file check results for
+uncached runs (the disk cache file itself: densenet_se.data.diskcache)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from densenet_se.io import atomic_torch_save, atomic_write_text
+from densenet_se.data.digests import DIGEST_NAME, digest_bytes, threads
+from densenet_se.errors import UserError
+from densenet_se.io import atomic_write_text
+from densenet_se.names import display_name
 
 log = logging.getLogger("densenet_se.data")
 
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused (2: keyed by content digests)
 CACHE_ENV = "DENSENET_SE_CACHE"
 
 
@@ -24,50 +29,20 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "densenet_se"
 
 
-def file_stats(root: Path, files: list[str]) -> list[tuple[str, int, int]]:
-    """(relative path, size in bytes, mtime in ns) for each file; what cache keys are made of."""
-    stats = []
-    for rel in files:
-        st = os.stat(root / rel)
-        stats.append((rel, st.st_size, st.st_mtime_ns))
-    return stats
+def cache_key(digests: list[tuple[str, str]], image_size: int, max_image_pixels: int) -> str:
+    """Hash of everything the decoded tensor depends on: each file's name and content, and the settings.
 
-
-def cache_key(root: Path, stats: list[tuple[str, int, int]], image_size: int, max_image_pixels: int) -> str:
-    """Hash of everything the decoded tensor depends on; jobs of a sweep over one folder share it."""
+    Content, not size and mtime: a picture rewritten in place (mtime restored or not) gets a new entry, and
+    a copy of the folder elsewhere reuses the same one.
+    """
     payload = json.dumps(
-        [CACHE_VERSION, os.path.realpath(root), int(image_size), int(max_image_pixels), stats],
-        separators=(",", ":"),
+        [CACHE_VERSION, DIGEST_NAME, int(image_size), int(max_image_pixels), digests], separators=(",", ":")
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
 def disk_cache_path(cache_dir: Path, key: str, image_size: int) -> Path:
-    return Path(cache_dir) / "images" / f"{image_size}px-{key}.pt"
-
-
-def load_disk_cache(path: Path) -> dict | None:
-    """The cached {"files", "bad", "images"} or None when missing or unreadable (then it is rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        # mmap: the tensor pages in from the OS page cache on demand instead of being copied up front.
-        entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if entry.get("version") != CACHE_VERSION or len(entry["files"]) != entry["images"].shape[0]:
-            raise ValueError("unexpected content")
-        return entry
-    except Exception as err:  # a cache is disposable: rebuild rather than fail
-        log.warning("ignoring unreadable image cache %s (%s); decoding the images again", path, err)
-        return None
-
-
-def save_disk_cache(path: Path, files: list[str], bad: list[tuple[str, str]], images: torch.Tensor) -> None:
-    """Write the cache atomically: concurrent writers never corrupt it, the last one wins."""
-    entry = {"version": CACHE_VERSION, "files": list(files), "bad": [list(b) for b in bad], "images": images}
-    try:
-        atomic_torch_save(entry, path)
-    except OSError as err:
-        log.warning("could not write the image cache %s (%s); the next run decodes again", path, err)
+    return Path(cache_dir) / "images" / f"{image_size}px-{key}.u8"
 
 
 def _index_path(cache_dir: Path, root: Path) -> Path:
@@ -76,15 +51,25 @@ def _index_path(cache_dir: Path, root: Path) -> Path:
 
 
 def load_check_index(cache_dir: Path, root: Path, max_image_pixels: int) -> dict[str, list]:
-    """Known check results {relative path: [size, mtime_ns, reason or None]} for files under `root`."""
+    """Known check results {relative path: [digest, reason or None]} for files under `root`."""
     path = _index_path(cache_dir, root)
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # missing, not JSON, or nested too deep to parse
         return {}
-    if data.get("version") != CACHE_VERSION or data.get("max_image_pixels") != max_image_pixels:
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         return {}
-    return data.get("files", {})
+    if data.get("max_image_pixels") != max_image_pixels or not isinstance(data.get("files"), dict):
+        return {}
+    # Untrusted like any cache: only well-formed entries are used, the rest are checked again.
+    return {
+        rel: entry
+        for rel, entry in data["files"].items()
+        if isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and (entry[1] is None or isinstance(entry[1], str))
+    }
 
 
 def save_check_index(cache_dir: Path, root: Path, max_image_pixels: int, results: dict[str, list]) -> None:
@@ -114,68 +99,80 @@ def _progress(total: int):
     )
 
 
-def _threads() -> int:
-    # PIL releases the GIL while decoding and resizing, so threads scale without pickling images around.
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+def decode_files_with_digests(
+    root: Path, files: list[str], image_size: int, max_image_pixels: int, expected: list[str] | None = None
+) -> tuple[list[int], torch.Tensor, list[tuple[str, str]], list[str]]:
+    """Read and decode every file once: (indices of good files, uint8 [n_good,3,S,S], [(bad path, reason)],
+    digest of each file ("" where it was not read)).
 
+    Each file is read once and the same bytes are hashed and decoded. `expected`: digests taken earlier (the
+    disk cache key); a file whose bytes differ now changed while it was read, which is an error.
+    """
+    from densenet_se.data.images import BadImageError, decode_image, read_image_file
 
-def decode_files(
-    root: Path, files: list[str], image_size: int, max_image_pixels: int
-) -> tuple[list[int], torch.Tensor, list[tuple[str, str]]]:
-    """Decode every file once: (indices of good files, uint8 [n_good,3,S,S], [(bad path, reason)])."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from densenet_se.data.images import BadImageError, decode_image
-
-    def one(rel: str) -> torch.Tensor | str:
+    def one(i: int) -> tuple[torch.Tensor | str, str]:
+        path = root / files[i]
         try:
-            return decode_image(root / rel, image_size, max_image_pixels)
+            data = read_image_file(path, max_image_pixels)
         except BadImageError as err:
-            return str(err)
+            return str(err), ""
         except FileNotFoundError:
-            return "file disappeared while reading"
+            return "file disappeared while reading", ""
+        digest = digest_bytes(data)
+        if expected is not None and expected[i] and digest != expected[i]:
+            raise UserError(
+                f"image file {display_name(str(path))} changed while it was being read; run again once "
+                "nothing writes to data.root."
+            )
+        try:
+            return decode_image(path, image_size, max_image_pixels, data=data), digest
+        except BadImageError as err:
+            return str(err), digest
 
     images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
     good: list[int] = []
     bad: list[tuple[str, str]] = []
-    with _progress(len(files)) as progress, ThreadPoolExecutor(_threads()) as pool:
+    digests: list[str] = []
+    with _progress(len(files)) as progress, ThreadPoolExecutor(threads()) as pool:
         task = progress.add_task(f"decoding {len(files)} images", total=len(files))
-        for i, result in enumerate(pool.map(one, files)):
+        for i, (result, digest) in enumerate(pool.map(one, range(len(files)))):
+            digests.append(digest)
             if isinstance(result, str):
                 bad.append((files[i], result))
             else:
                 images[len(good)] = result
                 good.append(i)
             progress.advance(task)
-    return good, images[: len(good)].clone() if bad else images, bad
+    return good, images[: len(good)].clone() if bad else images, bad, digests
+
+
+def decode_files(
+    root: Path, files: list[str], image_size: int, max_image_pixels: int
+) -> tuple[list[int], torch.Tensor, list[tuple[str, str]]]:
+    """Decode every file once: (indices of good files, uint8 [n_good,3,S,S], [(bad path, reason)])."""
+    return decode_files_with_digests(root, files, image_size, max_image_pixels)[:3]
 
 
 def check_files(
-    root: Path, stats: list[tuple[str, int, int]], max_image_pixels: int, known: dict[str, list]
+    root: Path, files: list[str], digests: list[str], max_image_pixels: int, known: dict[str, list]
 ) -> tuple[list[tuple[str, str]], dict[str, list]]:
-    """Check files not already in `known` (same size and mtime): ([(bad path, reason)], updated results)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Check files not already in `known` with the same content: ([(bad path, reason)], updated results)."""
     from densenet_se.data.images import check_image
 
     results: dict[str, list] = {}
-    todo: list[tuple[str, int, int]] = []
-    for rel, size, mtime in stats:
+    todo: list[tuple[str, str]] = []
+    for rel, digest in zip(files, digests, strict=True):
         entry = known.get(rel)
-        if entry is not None and entry[0] == size and entry[1] == mtime:
+        if digest and entry is not None and entry[0] == digest:
             results[rel] = entry
         else:
-            todo.append((rel, size, mtime))
-    with _progress(len(todo)) as progress, ThreadPoolExecutor(_threads()) as pool:
+            todo.append((rel, digest))
+    with _progress(len(todo)) as progress, ThreadPoolExecutor(threads()) as pool:
         task = progress.add_task(f"checking {len(todo)} images", total=len(todo))
-        for (rel, size, mtime), reason in zip(
+        for (rel, digest), reason in zip(
             todo, pool.map(lambda t: check_image(root / t[0], max_image_pixels), todo), strict=True
         ):
-            results[rel] = [size, mtime, reason]
+            results[rel] = [digest, reason]
             progress.advance(task)
-    bad = [(rel, results[rel][2]) for rel, _, _ in stats if results[rel][2] is not None]
+    bad = [(rel, results[rel][1]) for rel in files if results[rel][1] is not None]
     return bad, results

@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from densenet_se.checks import Range, Rule, at_least, check
 from densenet_se.data import cache as cache_lib
+from densenet_se.data import diskcache
 from densenet_se.data import split as split_lib
 from densenet_se.data.augment import augment_batch, build_augmentation
+from densenet_se.data.digests import DIGEST_NAME, file_digests
 from densenet_se.data.groups import (
     csv_groups_for,
     group_summary,
@@ -37,6 +39,7 @@ from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_sp
 from densenet_se.distributed import eval_sampler, eval_shard
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
+from densenet_se.names import display_name, file_list_text
 
 log = logging.getLogger("densenet_se.data")
 
@@ -146,6 +149,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.split_report: dict = {}
         self.bad_files: list[tuple[str, str]] = []
         self.files: list[str] = []
+        self.digests: list[str] = []  # content digest of each file in self.files
         self._labels = torch.empty(0, dtype=torch.long)
         self._images: torch.Tensor | None = None
         self._indices: dict[str, list[int]] = {}
@@ -184,33 +188,44 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         root = self._check_root()
         if self.cache == "disk":
-            self._decoded(root, scan_image_folder(root, self.extensions).files)
+            self._decoded(root, scan_image_folder(root, self.extensions).files, fill_only=True)
 
     def _decoded(
-        self, root: Path, files: list[str]
-    ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]]]:
-        """(indices of good files, their uint8 images or None if cache="none", bad files), cached as asked."""
-        stats = cache_lib.file_stats(root, files)
+        self, root: Path, files: list[str], fill_only: bool = False
+    ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]], list[str]]:
+        """(indices of good files, their uint8 images or None if cache="none", bad files, digest of each file).
+
+        `fill_only` (prepare_data): only make sure a disk cache entry exists; setup() loads and verifies it.
+        """
+        if self.cache == "memory" or self.cache == "device":  # one read per file: hashed and decoded
+            return cache_lib.decode_files_with_digests(root, files, self.image_size, self.max_image_pixels)
+        digests = file_digests(root, files)
         if self.cache == "none":
             known = cache_lib.load_check_index(self.cache_dir, root, self.max_image_pixels)
-            bad, results = cache_lib.check_files(root, stats, self.max_image_pixels, known)
+            bad, results = cache_lib.check_files(root, files, digests, self.max_image_pixels, known)
             if results != known and self._is_global_zero():
                 cache_lib.save_check_index(self.cache_dir, root, self.max_image_pixels, results)
             bad_set = {rel for rel, _ in bad}
-            return [i for i, rel in enumerate(files) if rel not in bad_set], None, bad
-        if self.cache == "disk":
-            key = cache_lib.cache_key(root, stats, self.image_size, self.max_image_pixels)
-            path = cache_lib.disk_cache_path(self.cache_dir, key, self.image_size)
-            entry = cache_lib.load_disk_cache(path)
-            if entry is not None:
-                position = {rel: i for i, rel in enumerate(files)}
-                good = [position[rel] for rel in entry["files"]]
-                return good, entry["images"], [tuple(b) for b in entry["bad"]]
-            good, images, bad = cache_lib.decode_files(root, files, self.image_size, self.max_image_pixels)
-            if self._is_global_zero():
-                cache_lib.save_disk_cache(path, [files[i] for i in good], bad, images)
-            return good, images, bad
-        return cache_lib.decode_files(root, files, self.image_size, self.max_image_pixels)
+            return [i for i, rel in enumerate(files) if rel not in bad_set], None, bad, digests
+        key = cache_lib.cache_key(
+            list(zip(files, digests, strict=True)), self.image_size, self.max_image_pixels
+        )
+        path = cache_lib.disk_cache_path(self.cache_dir, key, self.image_size)
+        if fill_only and path.is_file():
+            return [], None, [], digests
+        entry = diskcache.load(path, key, self.image_size, files)
+        if entry is not None:
+            position = {rel: i for i, rel in enumerate(files)}
+            return [position[rel] for rel in entry.files], entry.images, entry.bad, digests
+        good, images, bad, _ = cache_lib.decode_files_with_digests(
+            root, files, self.image_size, self.max_image_pixels, expected=digests
+        )
+        if self._is_global_zero():
+            try:
+                diskcache.save(path, key, [files[i] for i in good], bad, images)
+            except OSError as err:  # a cache is optional: a full disk costs the next run a decode, no more
+                log.warning("could not write the image cache %s (%s); the next run decodes again", path, err)
+        return good, images, bad, digests
 
     def setup(self, stage: str | None = None) -> None:
         """Scan, check, split and decode; safe to call again (Lightning calls it once per stage)."""
@@ -223,14 +238,15 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.root={root} has no images in class sub-folders; expected {root}/<class>/<image>.jpg."
             )
         group_of = self._group_of(scan.files)  # before decoding: a bad pattern or CSV fails in a second
-        good, images, bad = self._decoded(root, scan.files)
+        good, images, bad, digests = self._decoded(root, scan.files)
         self._report_bad(root, bad, len(scan.files))
         if not good:
             raise UserError(f"data.root={root} has no readable images ({len(bad)} files could not be read).")
         # Classes whose every file is unreadable are dropped like empty folders, and labels renumbered.
         used = sorted({scan.labels[i] for i in good})
         for label in set(range(len(scan.class_names))) - set(used):
-            log.warning("ignoring folder %s: none of its images can be read", root / scan.class_names[label])
+            folder = display_name(str(root / scan.class_names[label]))
+            log.warning("ignoring folder %s: none of its images can be read", folder)
         relabel = {old: new for new, old in enumerate(used)}
         class_names = [scan.class_names[old] for old in used]
         if len(class_names) < 2:
@@ -239,6 +255,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"({', '.join(class_names) or 'none'}); at least 2 are needed, one sub-folder per class."
             )
         self.files = [scan.files[i] for i in good]
+        self.digests = [digests[i] for i in good]
         labels = [relabel[scan.labels[i]] for i in good]
         groups = None
         if group_of is not None:  # the CSV needs rows for the images in use only, not for unreadable ones
@@ -267,6 +284,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.has_test = bool(split["test"])
         counts = split_class_counts(split, self.num_classes)
         self.split = {"root": str(root), "class_names": class_names, **split, "counts": counts}
+        # What each image held when the run started: resume refuses a folder whose pictures changed.
+        self.split["digest"] = DIGEST_NAME
+        self.split["digests"] = dict(zip(self.files, self.digests, strict=True))
         self.split_report = self._report_split(labels, groups)
         self._warn_missing_classes(counts)
         self._write_split()
@@ -301,7 +321,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         summary = group_summary(labels, groups, self.class_names)
         mixed = summary.pop("mixed_class")
         report["groups"] = {"by": f"data.{key}", "value": value, **summary, "mixed_class": len(mixed)}
-        per_class = ", ".join(f"{name} {n}" for name, n in summary["per_class"].items())
+        per_class = ", ".join(f"{display_name(name)} {n}" for name, n in summary["per_class"].items())
         log.info(
             "split: grouped by data.%s='%s': %d source groups (%s), each kept whole in one split%s",
             key,
@@ -324,7 +344,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         for name in ("val", "test"):
             if name == "test" and not self.has_test:
                 continue
-            missing = [c for c, n in zip(self.class_names, counts[name], strict=True) if n == 0]
+            missing = [display_name(c) for c, n in zip(self.class_names, counts[name], strict=True) if n == 0]
             if missing:
                 fix = "lower data.folds" if name == "val" and self.folds else f"raise data.{name}_fraction"
                 log.warning(
@@ -342,31 +362,28 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.output_dir is not None:
             listing = self.output_dir / "bad_files.txt"
             if self._is_global_zero():
-                atomic_write_text(
-                    listing, "".join(f"{p}\t{r}\n" for p, r in self.bad_files), errors="surrogateescape"
-                )
+                atomic_write_text(listing, file_list_text(self.bad_files))
         if self.on_bad_file == "error":
-            shown = "; ".join(f"{p}: {r}" for p, r in self.bad_files[:5])
+            shown = "; ".join(f"{display_name(p)}: {r}" for p, r in self.bad_files[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise UserError(
                 f"data.root={root} has {len(bad)} unreadable image files ({shown}{more}); "
                 "fix or remove them, or set data.on_bad_file=skip to leave them out."
             )
-        where = (
-            f"listed in {listing}" if listing else f"first: {self.bad_files[0][0]}: {self.bad_files[0][1]}"
-        )
+        first = self.bad_files[0]
+        where = f"listed in {listing}" if listing else f"first: {display_name(first[0])}: {first[1]}"
         log.warning("skipped %d of %d image files that cannot be read (%s)", len(bad), total, where)
 
     def _write_split(self) -> None:
         if self.output_dir is None or not self._is_global_zero():
             return
         # One [path, label] pair (or "path": group / fold) per line keeps split.json readable and diffable.
-        bulky = (*SPLITS, "fold_index", "groups")
+        bulky = (*SPLITS, "fold_index", "groups", "digests")
         items = [(k, json.dumps(v)) for k, v in self.split.items() if k not in bulky]
         for key in SPLITS:
             rows = [json.dumps(pair) for pair in self.split[key]]
             items.append((key, "[\n" + ",\n".join(f"    {r}" for r in rows) + "\n  ]" if rows else "[]"))
-        for key in ("fold_index", "groups"):
+        for key in ("fold_index", "groups", "digests"):
             if key in self.split:
                 rows = [f"{json.dumps(p)}: {json.dumps(v)}" for p, v in self.split[key].items()]
                 items.append((key, "{\n" + ",\n".join(f"    {r}" for r in rows) + "\n  }" if rows else "{}"))
@@ -387,7 +404,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         indices = self._indices[name]
         if self._images is None:
             return FileImages(
-                self._root, self.files, self._labels, indices, self.image_size, self.max_image_pixels
+                self._root,
+                self.files,
+                self._labels,
+                indices,
+                self.image_size,
+                self.max_image_pixels,
+                digests=self.digests,
             )
         return CachedImages(self._images, self._labels, indices)
 

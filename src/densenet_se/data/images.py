@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from densenet_se.errors import UserError
+from densenet_se.names import display_name
 
 log = logging.getLogger("densenet_se.data")
 
@@ -86,11 +88,13 @@ def scan_image_folder(
         if not entry.is_dir():  # follows symlinks; plain files at the top level are not classes
             continue
         if _is_hidden(entry.name):
-            log.warning("ignoring hidden folder %s", Path(root, entry.name))
+            log.warning("ignoring hidden folder %s", display_name(str(Path(root, entry.name))))
             continue
         class_files = _walk_files(Path(root, entry.name), exts)
         if not class_files:
-            log.warning("ignoring folder %s: it holds no image files", Path(root, entry.name))
+            log.warning(
+                "ignoring folder %s: it holds no image files", display_name(str(Path(root, entry.name)))
+            )
             continue
         files.extend(class_files)
         labels.extend([len(class_names)] * len(class_files))
@@ -119,15 +123,48 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+def max_file_bytes(max_image_pixels: int) -> int:
+    """The largest file an image within the pixel limit can be: 16-bit RGBA stored raw, plus 64 MiB of metadata."""
+    return 8 * int(max_image_pixels) + (64 << 20)
+
+
+def read_image_file(path: str | os.PathLike[str], max_image_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """A file's bytes, read once (to hash and decode the same bytes); BadImageError if too big or unreadable."""
+    limit = max_file_bytes(max_image_pixels)
+    too_big = f"file larger than {limit} bytes, more than an image of data.max_image_pixels holds"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise BadImageError(too_big)
+            # size + 1, not limit + 1: read(n) allocates n bytes up front (hundreds of MB for the limit).
+            data = f.read(size + 1)
+            if len(data) > size:  # it grew since fstat: read on, still bounded by the limit
+                data += f.read(limit + 1 - len(data))
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # no permission, a folder named like an image
+        raise BadImageError(f"unreadable: {err.strerror or err}") from None
+    if len(data) > limit:
+        raise BadImageError(too_big)
+    return data
+
+
 def decode_image(
-    path: str | os.PathLike[str], image_size: int, max_image_pixels: int = MAX_IMAGE_PIXELS
+    path: str | os.PathLike[str],
+    image_size: int,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    data: bytes | None = None,
 ) -> torch.Tensor:
-    """Decode, orient (EXIF), convert to RGB and resize one file; raises BadImageError with a reason."""
+    """Decode, orient (EXIF), convert to RGB and resize one file; raises BadImageError with a reason.
+
+    `data`: the file's bytes when already read (`path` then only names it).
+    """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise BadImageError("empty file (0 bytes)")
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             width, height = im.size
             if width * height > max_image_pixels:
                 raise BadImageError(

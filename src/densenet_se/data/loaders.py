@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from densenet_se.data.images import BadImageError, decode_image
+from densenet_se.data.digests import digest_bytes
+from densenet_se.data.images import BadImageError, decode_image, read_image_file
 from densenet_se.errors import UserError
+from densenet_se.names import display_name
 
 
 class CachedImages(Dataset):
@@ -27,7 +29,11 @@ class CachedImages(Dataset):
 
 
 class FileImages(Dataset):
-    """Items decoded from disk on every access (cache="none", the notebook's way)."""
+    """Items decoded from disk on every access (cache="none", the notebook's way).
+
+    `digests`: each file's content digest when the run started; a file whose bytes differ now is an error,
+    so an image rewritten during training is never used silently.
+    """
 
     def __init__(
         self,
@@ -37,9 +43,11 @@ class FileImages(Dataset):
         indices: Sequence[int],
         image_size: int,
         max_pixels: int,
+        digests: Sequence[str] | None = None,
     ) -> None:
         self.root, self.files, self.labels, self.indices = root, files, labels, list(indices)
         self.image_size, self.max_pixels = image_size, max_pixels
+        self.digests = list(digests) if digests is not None else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -48,10 +56,14 @@ class FileImages(Dataset):
         j = self.indices[i]
         path = self.root / self.files[j]
         try:
-            image = decode_image(path, self.image_size, self.max_pixels)
+            data = read_image_file(path, self.max_pixels)
+            if self.digests is not None and digest_bytes(data) != self.digests[j]:
+                raise BadImageError("its content differs from when the run started")
+            image = decode_image(path, self.image_size, self.max_pixels, data=data)
         except (BadImageError, OSError) as err:
             raise UserError(
-                f"image file {path} changed or became unreadable during training: {err}."
+                f"image file {display_name(str(path))} changed or became unreadable during training: {err}; "
+                "restore it, or start a new run."
             ) from None
         return image, self.labels[j]
 
