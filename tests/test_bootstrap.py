@@ -3,9 +3,12 @@ intervals agree with a plain stratified bootstrap loop written with numpy."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -15,8 +18,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from conftest import ROOT
 from densenet_se import bootstrap
-from densenet_se.assessment import compute_metrics
+from densenet_se.assessment import Outputs, Settings, assess, compute_metrics
 from densenet_se.errors import UserError
 
 
@@ -134,3 +138,44 @@ def test_percentile_interval_is_numpys_percentile():
 def test_bad_bootstrap_settings_are_one_sentence(n, level, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         bootstrap.check_settings(n, level)
+
+
+def test_bootstrap_speed_benchmark_prints_its_table(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bootstrap_speed", ROOT / "benchmarks" / "bootstrap_speed.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--images", "300", "--resamples", "50", "--repeats", "2", "--baseline-resamples", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("50 resamples of 300 images, 2 classes")
+    ours = next(line for line in lines if line.startswith("vectorised"))
+    assert float(ours.split()[-2]) > 0 and float(lines[-2].split(":")[1].rstrip("x")) > 0
+    assert lines[-1].startswith("target <= 5 s: ")
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "level"), [(70, 70, 0.95), (0, 12, 0.95), (69, 70, 0.9), (5, 9, 0.99)]
+)
+def test_wilson_interval_equals_scipys(successes, trials, level):
+    expected = binomtest(successes, trials).proportion_ci(confidence_level=level, method="wilson")
+    assert bootstrap.wilson_interval(successes, trials, level) == pytest.approx([expected.low, expected.high])
+
+
+def test_a_proportion_without_errors_gets_a_wilson_interval_not_a_zero_width_one():
+    # 40 negatives all right, 2 of 40 positives missed: specificity 1 and PPV 1 exactly.
+    labels = torch.tensor([0] * 40 + [1] * 40)
+    p0 = torch.cat([torch.linspace(0.6, 0.99, 38), torch.tensor([0.3, 0.4]), torch.linspace(0.01, 0.45, 40)])
+    logits = torch.stack([p0, 1 - p0], 1).log()[None]
+    result = assess(
+        Outputs("test", logits, labels, [f"{i}.png" for i in range(80)]), Settings(["pos", "neg"])
+    )
+    m = result.metrics
+    assert m["specificity"] == 1.0 and m["ppv"] == 1.0
+    expected = binomtest(40, 40).proportion_ci(confidence_level=0.95, method="wilson")
+    assert m["specificity_ci"] == pytest.approx([expected.low, 1.0]) and m["specificity_ci"][0] < 0.95
+    expected = binomtest(38, 38).proportion_ci(confidence_level=0.95, method="wilson")  # 38 called positive
+    assert m["ppv_ci"] == pytest.approx([expected.low, 1.0])
+    assert m["ci_method"] == {"specificity": "wilson", "ppv": "wilson"}
+    low, high = m["sensitivity_ci"]  # 38 of 40: the bootstrap varies, and is kept
+    assert low < 0.95 < high < 1.0 + 1e-12

@@ -133,15 +133,38 @@ def add_intervals(
     )
     for name in (*bootstrap.HEADLINE, *(bootstrap.BINARY if k == 2 else ())):
         metrics[f"{name}_ci"] = found.get(name) if metrics.get(name) is not None else None
+    # A proportion at 0 or 1 (no errors) gives every resample the same value: a zero-width interval that
+    # claims certainty. The Wilson score interval is the honest one there.
+    metrics["ci_method"] = {}
+    for name, (successes, trials) in _proportions(metrics, positive).items():
+        bounds = metrics.get(f"{name}_ci")
+        if trials and bounds is not None and successes in (0, trials):
+            metrics[f"{name}_ci"] = bootstrap.wilson_interval(successes, trials, settings.bootstrap_level)
+            metrics["ci_method"][name] = "wilson"
     if k > 2 and found.get("auroc_per_class") is not None:
         for name, bounds in zip(settings.class_names, found["auroc_per_class"], strict=True):
             metrics[f"auroc_{name}_ci"] = bounds
 
 
+def _proportions(metrics: dict[str, Any], positive: int | None) -> dict[str, tuple[int, int]]:
+    """(successes, trials) of each proportion metric, from the confusion matrix (rows: true class)."""
+    cm = metrics["confusion_matrix"]
+    out = {"acc": (sum(cm[i][i] for i in range(len(cm))), sum(map(sum, cm)))}
+    if positive is not None:
+        p, n = positive, 1 - positive
+        out["sensitivity"] = (cm[p][p], cm[p][0] + cm[p][1])
+        out["specificity"] = (cm[n][n], cm[n][0] + cm[n][1])
+        out["ppv"] = (cm[p][p], cm[0][p] + cm[1][p])
+        out["npv"] = (cm[n][n], cm[0][n] + cm[1][n])
+    return out
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline metrics and their intervals only (for the without-TTA comparison)."""
     names = (*bootstrap.HEADLINE, *bootstrap.BINARY)
-    return {k: metrics[k] for n in names for k in (n, f"{n}_ci") if k in metrics}
+    return {k: metrics[k] for n in names for k in (n, f"{n}_ci") if k in metrics} | {
+        "ci_method": metrics.get("ci_method", {})
+    }
 
 
 def assess(outputs: Outputs, settings: Settings, val: Outputs | None = None) -> Assessment:
@@ -206,7 +229,8 @@ def assess(outputs: Outputs, settings: Settings, val: Outputs | None = None) -> 
         "n": settings.bootstrap_n,
         "seed": settings.bootstrap_seed,
         "level": settings.bootstrap_level,
-        "method": "stratified percentile bootstrap over images (classes keep their counts)",
+        "method": "stratified percentile bootstrap over images (classes keep their counts); the Wilson score "
+        "interval for a proportion with no errors (or no successes), listed in ci_method",
     }
     metrics["threshold"] = threshold
     metrics["operating_point"] = point

@@ -10,7 +10,9 @@ themselves come from torchmetrics (densenet_se.evaluate); the statistics below u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from statistics import NormalDist
 
 import numpy as np
 
@@ -21,6 +23,8 @@ CHUNK = 100
 # The statistics an interval is reported for (key in eval.json -> name for people); BINARY: two classes only.
 HEADLINE = {"acc": "accuracy", "balanced_acc": "balanced accuracy", "f1": "F1 (macro)", "auroc": "AUROC"}
 BINARY = {"sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV"}
+# The metrics that are one proportion (successes / trials): at 0 or 1 every resample gives the same value.
+PROPORTIONS = ("acc", "sensitivity", "specificity", "ppv", "npv")
 
 
 MAX_RESAMPLES = 100_000
@@ -180,3 +184,15 @@ def bootstrap_intervals(
         else:
             out[name] = [float(bounds[0]), float(bounds[1])]
     return out
+
+
+def wilson_interval(successes: int, trials: int, level: float) -> list[float]:
+    """Wilson score interval of a proportion: stays honest at 0 or n successes, where the bootstrap cannot vary.
+
+    With no errors among n images the percentile bootstrap gives [1, 1]; Wilson gives about [1 - 3.8/n, 1].
+    """
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return [max(0.0, centre - half), min(1.0, centre + half)]

@@ -201,21 +201,26 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
     lines = [
         f"split {metrics['split']}: {metrics['n']} images"
         + (" (includes the training images)" if metrics["split"] == "all" else ""),
-        f"  {'metric':<24} {'value':>7}   {f'{100 * level:g} % interval':<17}"
+        f"  {'metric':<24} {'value':>7}   {f'{100 * level:g} % interval':<18}"
         + (f"   {'without TTA':>11}" if plain else ""),
     ]
     shown = {**bootstrap.HEADLINE, **(bootstrap.BINARY if len(names) == 2 else {})}
     for key, label in shown.items():
         label = f"{label} ({metrics['positive_class']})" if key in ("sensitivity", "ppv") else label
-        line = f"  {label:<24} {_fmt(metrics[key]):>7}   {_interval(metrics.get(f'{key}_ci')):<17}"
+        wilson = "*" if key in (metrics.get("ci_method") or {}) else " "
+        line = f"  {label:<24} {_fmt(metrics[key]):>7}   {_interval(metrics.get(f'{key}_ci')) + wilson:<18}"
         if plain:
             line += f"   {_fmt(plain.get(key)):>11}"
         if key == "acc" and logged_val_acc is not None:
             line += f"   (training logged {logged_val_acc:.4f} for this checkpoint)"
         lines.append(line)
     for key, label in (("ece", "ECE (15 bins)"), ("nll", "NLL"), ("brier", "Brier score")):
-        line = f"  {label:<24} {_fmt(metrics[key]):>7}   {'':<17}"
+        line = f"  {label:<24} {_fmt(metrics[key]):>7}   {'':<18}"
         lines.append(line + (f"   {_fmt(plain.get(key)):>11}" if plain and key in plain else ""))
+    if metrics.get("ci_method"):
+        lines.append(
+            "  * no errors (or no successes): Wilson score interval, as every resample gives the same value"
+        )
     calibrated = metrics.get("calibration")
     if calibrated:
         before = calibrated["before"]
@@ -230,11 +235,20 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
             + ("  (optimistic: chosen on this split)" if point["optimistic"] else "")
         )
     width = max(12, *(len(n) for n in names))
-    lines += ["", f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'support':>8}"]
+    auroc = len(names) > 2  # one-vs-rest AUROC per class
+    lines += [
+        "",
+        f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'support':>8}" + ("  AUROC" if auroc else ""),
+    ]
     for name in names:
         lines.append(
             f"  {name:<{width}} {_fmt(metrics[f'precision_{name}']):>9} {_fmt(metrics[f'recall_{name}']):>9} "
             f"{metrics[f'support_{name}']:>8}"
+            + (
+                f"  {_fmt(metrics[f'auroc_{name}'])} ({_interval(metrics.get(f'auroc_{name}_ci'))})"
+                if auroc
+                else ""
+            )
         )
     cell = max(9, *(len(n) for n in names))
     lines += [

@@ -56,7 +56,14 @@ def data_uri(png: bytes) -> str:
 
 
 def _num(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    """3 decimals, more when 3 would round a value that is not exactly 0 or 1 to 0.000 or 1.000."""
+    if value is None:
+        return "-"
+    for digits in range(3, 7):
+        text = f"{value:.{digits}f}"
+        if float(text) not in (0.0, 1.0) or value in (0.0, 1.0):
+            return text
+    return text
 
 
 def _ci(bounds: Any) -> str:
@@ -84,6 +91,7 @@ def leakage_statement(split_report: dict[str, Any] | None) -> str:
 def _metric_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
     names = {**HEADLINE, **(BINARY if len(m["class_names"]) == 2 else {})}
     plain = m.get("without_tta") or {}
+    wilson, plain_wilson = m.get("ci_method") or {}, plain.get("ci_method") or {}
     rows = []
     for key, name in names.items():
         bounds = m.get(f"{key}_ci")
@@ -100,10 +108,10 @@ def _metric_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "value": _num(m.get(key)),
-                "ci": _ci(bounds),
+                "ci": _ci(bounds) + (" *" if key in wilson else ""),
                 "bar": bar,
                 "plain": _num(plain.get(key)),
-                "plain_ci": _ci(plain.get(f"{key}_ci")),
+                "plain_ci": _ci(plain.get(f"{key}_ci")) + (" *" if key in plain_wilson else ""),
             }
         )
     return rows
@@ -214,6 +222,11 @@ def section(result: Assessment, figures: dict[str, bytes], heading: str, missing
         if boot["n"] > 0
         else "Intervals are off (bootstrap.n=0)."
     )
+    if m.get("ci_method"):
+        interval_note += (
+            " * No errors (or no successes) among these images, so every resample gives the same value: the "
+            "Wilson score interval is shown instead of a zero-width one."
+        )
     counts = ", ".join(f"{name} {m[f'support_{name}']}" for name in names)
     return {
         "heading": f"{heading}: {m['n']} images ({counts})",

@@ -164,8 +164,9 @@ def top_losses_png(panels: list[dict[str, Any]], title: str, tile: int = 160, co
     for i, panel in enumerate(panels):
         r, c = divmod(i, cols)
         x, y = pad + c * (cell_w + pad), 40 + r * (cell_h + pad)
+        colours = ("#444444", "#c62828" if panel.get("wrong") else "black", "black")  # a mistake in red
         for j, text in enumerate(panel["caption"].splitlines()[:3]):
-            draw.text((x, y + j * line), text, fill="black" if j else "#444444", font=font)
+            draw.text((x, y + j * line), text, fill=colours[j], font=font)
         for j, key in enumerate(("image", "overlay")):
             picture = Image.fromarray(np.asarray(panel[key], dtype=np.uint8)).resize(
                 (tile, tile), Image.Resampling.NEAREST
@@ -206,6 +207,7 @@ def top_loss_panels(
                 "image": images[j].permute(1, 2, 0).cpu().numpy(),
                 "overlay": np.asarray(overlays[j]),
                 "caption": caption,
+                "wrong": label != pred,
             }
         )
     return panels
