@@ -179,3 +179,18 @@ def test_a_proportion_without_errors_gets_a_wilson_interval_not_a_zero_width_one
     assert m["ci_method"] == {"specificity": "wilson", "ppv": "wilson"}
     low, high = m["sensitivity_ci"]  # 38 of 40: the bootstrap varies, and is kept
     assert low < 0.95 < high < 1.0 + 1e-12
+
+
+def test_a_model_that_calls_everything_one_class_gets_no_false_certainty():
+    # Three classes of 4, 5 and 3 images, every image called "a": each class is entirely right or wrong,
+    # so every stratified resample gives accuracy 4/12. The bootstrap alone would print [0.333, 0.333].
+    labels = torch.tensor([0] * 4 + [1] * 5 + [2] * 3)
+    logits = torch.tensor([[2.0, 0.0, 0.0]]).repeat(12, 1)[None]
+    result = assess(Outputs("test", logits, labels, [f"{i}.png" for i in range(12)]), Settings(list("abc")))
+    m = result.metrics
+    expected = binomtest(4, 12).proportion_ci(confidence_level=0.95, method="wilson")
+    assert m["acc"] == pytest.approx(4 / 12) and m["acc_ci"] == pytest.approx([expected.low, expected.high])
+    assert m["ci_method"]["acc"] == "wilson"
+    # Balanced accuracy and F1 are not one proportion: no interval, and the reason, instead of a fake one.
+    for name in ("balanced_acc", "f1"):
+        assert m[f"{name}_ci"] is None and m["ci_method"][name].startswith("none")

@@ -131,19 +131,29 @@ def add_intervals(
         settings.bootstrap_level,
         positive,
     )
-    for name in (*bootstrap.HEADLINE, *(bootstrap.BINARY if k == 2 else ())):
+    names = [*bootstrap.HEADLINE, *(bootstrap.BINARY if k == 2 else ())]
+    for name in names:
         metrics[f"{name}_ci"] = found.get(name) if metrics.get(name) is not None else None
-    # A proportion at 0 or 1 (no errors) gives every resample the same value: a zero-width interval that
-    # claims certainty. The Wilson score interval is the honest one there.
-    metrics["ci_method"] = {}
-    for name, (successes, trials) in _proportions(metrics, positive).items():
-        bounds = metrics.get(f"{name}_ci")
-        if trials and bounds is not None and successes in (0, trials):
-            metrics[f"{name}_ci"] = bootstrap.wilson_interval(successes, trials, settings.bootstrap_level)
-            metrics["ci_method"][name] = "wilson"
     if k > 2 and found.get("auroc_per_class") is not None:
         for name, bounds in zip(settings.class_names, found["auroc_per_class"], strict=True):
             metrics[f"auroc_{name}_ci"] = bounds
+            names.append(f"auroc_{name}")
+    # Every resample gives the same value when each class is entirely right or entirely wrong (no errors at
+    # all, or a model that calls everything one class): a zero-width interval that claims certainty. A
+    # proportion then gets the Wilson score interval; any other metric no interval, said in ci_method.
+    metrics["ci_method"] = {}
+    proportions = _proportions(metrics, positive)
+    for name in names:
+        bounds = metrics.get(f"{name}_ci")
+        if bounds is None or bounds[1] - bounds[0] > 1e-12:
+            continue
+        successes, trials = proportions.get(name, (0, 0))
+        if trials:
+            metrics[f"{name}_ci"] = bootstrap.wilson_interval(successes, trials, settings.bootstrap_level)
+            metrics["ci_method"][name] = "wilson"
+        else:
+            metrics[f"{name}_ci"] = None
+            metrics["ci_method"][name] = "none: every resample gave the same value"
 
 
 def _proportions(metrics: dict[str, Any], positive: int | None) -> dict[str, tuple[int, int]]:
@@ -229,8 +239,8 @@ def assess(outputs: Outputs, settings: Settings, val: Outputs | None = None) -> 
         "n": settings.bootstrap_n,
         "seed": settings.bootstrap_seed,
         "level": settings.bootstrap_level,
-        "method": "stratified percentile bootstrap over images (classes keep their counts); the Wilson score "
-        "interval for a proportion with no errors (or no successes), listed in ci_method",
+        "method": "stratified percentile bootstrap over images (classes keep their counts); where every "
+        "resample gives the same value, the Wilson score interval for a proportion, else none (ci_method)",
     }
     metrics["threshold"] = threshold
     metrics["operating_point"] = point

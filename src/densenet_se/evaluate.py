@@ -207,7 +207,8 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
     shown = {**bootstrap.HEADLINE, **(bootstrap.BINARY if len(names) == 2 else {})}
     for key, label in shown.items():
         label = f"{label} ({metrics['positive_class']})" if key in ("sensitivity", "ppv") else label
-        wilson = "*" if key in (metrics.get("ci_method") or {}) else " "
+        method = (metrics.get("ci_method") or {}).get(key)
+        wilson = " " if method is None else "*" if method == "wilson" else "+"
         line = f"  {label:<24} {_fmt(metrics[key]):>7}   {_interval(metrics.get(f'{key}_ci')) + wilson:<18}"
         if plain:
             line += f"   {_fmt(plain.get(key)):>11}"
@@ -217,10 +218,13 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
     for key, label in (("ece", "ECE (15 bins)"), ("nll", "NLL"), ("brier", "Brier score")):
         line = f"  {label:<24} {_fmt(metrics[key]):>7}   {'':<18}"
         lines.append(line + (f"   {_fmt(plain.get(key)):>11}" if plain and key in plain else ""))
-    if metrics.get("ci_method"):
+    methods = set((metrics.get("ci_method") or {}).values())
+    if "wilson" in methods:
         lines.append(
-            "  * no errors (or no successes): Wilson score interval, as every resample gives the same value"
+            "  * every resample gave the same value: the Wilson score interval of the proportion instead"
         )
+    if methods - {"wilson"}:
+        lines.append("  + every resample gave the same value: no interval (which is not certainty)")
     calibrated = metrics.get("calibration")
     if calibrated:
         before = calibrated["before"]
@@ -374,7 +378,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out_dir = Path(cfg.output_dir)
     written = write_outputs(out_dir, result, module, images, eval_hp, device, cfg.top_losses, len(missing))
-    logged = logged_val_acc(run_dir, ckpt) if cfg.split == "val" else None
+    # Training's logged accuracy is for argmax on the images as they are: comparable only then.
+    comparable = (
+        cfg.split == "val" and settings.threshold is None and not settings.target and cfg.tta == "none"
+    )
+    logged = logged_val_acc(run_dir, ckpt) if comparable else None
     print(format_report(metrics, logged), flush=True)
     print(f"{', '.join(written)} written to {out_dir}", flush=True)
     return metrics

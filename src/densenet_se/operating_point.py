@@ -156,7 +156,7 @@ def load_operating_point(
             "calibration=<the calibration.json of that eval>" if chosen_t != 1.0 else "no calibration"
         )
         raise UserError(
-            f"{key}={path} was chosen on probabilities with tta={chosen_tta} and temperature {chosen_t}, not "
+            f"{key}={path} was chosen on probabilities with tta={chosen_tta} and temperature {chosen_t:.4g}, not "
             f"tta={tta} and temperature {temperature:g}; pass tta={chosen_tta} and {calibration}."
         )
     return {"threshold": float(threshold), "positive": class_names.index(positive), "path": str(path)}

@@ -70,6 +70,11 @@ def _ci(bounds: Any) -> str:
     return "-" if not bounds else f"{bounds[0]:.3f} to {bounds[1]:.3f}"
 
 
+def _mark(method: str | None) -> str:
+    """The footnote mark of an interval that is not the plain bootstrap one."""
+    return "" if method is None else " *" if method == "wilson" else " \u2020"
+
+
 def leakage_statement(split_report: dict[str, Any] | None) -> str:
     """The split's statement about near-duplicates across splits (from metrics.json / the data module)."""
     if not isinstance(split_report, dict) or "grouped_split" not in split_report:
@@ -108,10 +113,10 @@ def _metric_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "value": _num(m.get(key)),
-                "ci": _ci(bounds) + (" *" if key in wilson else ""),
+                "ci": _ci(bounds) + _mark(wilson.get(key)),
                 "bar": bar,
                 "plain": _num(plain.get(key)),
-                "plain_ci": _ci(plain.get(f"{key}_ci")) + (" *" if key in plain_wilson else ""),
+                "plain_ci": _ci(plain.get(f"{key}_ci")) + _mark(plain_wilson.get(key)),
             }
         )
     return rows
@@ -122,6 +127,12 @@ def _notes(m: dict[str, Any], missing: int) -> list[str]:
     if m["split"] == "all":
         notes.append(
             "split=all includes the training images: these numbers are not an estimate for new images."
+        )
+    if m["split"] == "val":
+        notes.append(
+            "Training picks best.ckpt by its validation accuracy, so the validation numbers of that checkpoint "
+            "flatter it a little. Numbers to publish come from a held-out test split (train with "
+            "data.test_fraction, then eval.py split=test)."
         )
     bounds = m.get("acc_ci")
     if bounds and bounds[1] - bounds[0] > WIDE_INTERVAL:
@@ -209,7 +220,8 @@ def section(result: Assessment, figures: dict[str, bytes], heading: str, missing
             "precision": _num(m[f"precision_{name}"]),
             "recall": _num(m[f"recall_{name}"]),
             "auroc": _num(m.get(f"auroc_{name}")),
-            "auroc_ci": _ci(m.get(f"auroc_{name}_ci")),
+            "auroc_ci": _ci(m.get(f"auroc_{name}_ci"))
+            + _mark((m.get("ci_method") or {}).get(f"auroc_{name}")),
         }
         for name in names
     ]
@@ -222,10 +234,18 @@ def section(result: Assessment, figures: dict[str, bytes], heading: str, missing
         if boot["n"] > 0
         else "Intervals are off (bootstrap.n=0)."
     )
-    if m.get("ci_method"):
+    methods = set((m.get("ci_method") or {}).values()) | set(
+        (m.get("without_tta") or {}).get("ci_method", {}).values()
+    )
+    if "wilson" in methods:
         interval_note += (
-            " * No errors (or no successes) among these images, so every resample gives the same value: the "
-            "Wilson score interval is shown instead of a zero-width one."
+            " * Every resample gave the same value (each class entirely right or entirely wrong), so the "
+            "Wilson score interval of the proportion is shown instead of a zero-width one."
+        )
+    if methods - {"wilson"}:
+        interval_note += (
+            " \u2020 Every resample gave the same value, so the bootstrap cannot say how far this metric could "
+            "move: no interval, which is not certainty."
         )
     counts = ", ".join(f"{name} {m[f'support_{name}']}" for name in names)
     return {
