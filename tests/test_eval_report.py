@@ -364,3 +364,20 @@ def test_training_writes_the_report_of_its_best_checkpoint_for_three_classes(tmp
     assert all(f"auroc_{c}_ci" in m for c in "abc") and m["n"] == 42
     _, rows = read_rows(tmp_path / "e" / "predictions.csv")
     assert len(rows) == 42 and {r["label"] for r in rows} == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_split_images_are_the_cached_images_whatever_the_cache(tmp_path, cache):
+    from densenet_se.data import ImageFolderDataModule
+
+    images = make_image_folder(tmp_path / "images", {"x": 6, "y": 6}, size=40)
+    kwargs = {"root": str(images), "image_size": 32, "test_fraction": 0.25, "cache_dir": str(tmp_path / "c")}
+    memory = ImageFolderDataModule(**kwargs, cache="memory")
+    other = ImageFolderDataModule(**kwargs, cache=cache)
+    memory.setup()
+    other.setup()
+    for split in ("val", "test"):
+        expected_images, expected_labels, expected_paths = memory.split_images(split)
+        got_images, got_labels, got_paths = other.split_images(split)
+        assert got_paths == expected_paths == [rel for rel, _ in memory.split[split]]
+        assert torch.equal(got_labels, expected_labels) and torch.equal(got_images, expected_images)
