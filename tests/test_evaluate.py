@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -157,7 +158,12 @@ def test_eval_py_prints_the_table_and_writes_its_run_dir(run_dir, tmp_path, monk
     printed = capsys.readouterr().out
     assert status == 0, printed
     best = json.loads((run_dir / "metrics.json").read_text())["best_val_acc"]
-    assert f"accuracy     {best:.4f}   (training logged {best:.4f} for this checkpoint)" in printed
+    # The value, its 95 % interval, and what training logged for this checkpoint, on one line.
+    assert re.search(
+        rf"accuracy +{best:.4f} +[01]\.\d{{4}} to [01]\.\d{{4}}\*? +\(training logged {best:.4f} for this checkpoint\)",
+        printed,
+    ), printed
+    assert "95 % interval" in printed
     for word in (
         "sensitivity",
         "specificity",

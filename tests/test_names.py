@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from densenet_se import plots
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.names import display_name, file_list_text, parse_file_list, parse_name
-from helpers.config import CONF, TINY
+from helpers.config import TINY, hydra_cfg
 from helpers.images import make_tree
 from helpers.runs import run_cli
 
@@ -110,11 +110,9 @@ def test_printed_output_escapes_names_that_are_not_utf8(monkeypatch):
 def test_the_log_file_escapes_names_that_are_not_utf8(tmp_path, capsys):
     import logging.config
 
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True)
+    cfg = hydra_cfg([])
     handler = OmegaConf.to_container(cfg.hydra.job_logging.handlers.file, resolve=False)
     handler.update(filename=str(tmp_path / "train.log"), formatter=None)
     logger = {"handlers": ["file"], "level": "INFO", "propagate": False}

@@ -132,10 +132,12 @@ def test_eval_output_inside_the_data_or_over_the_runs_files_is_refused(
     err = capsys.readouterr().err.strip()
     assert status == 2 and f"output_dir={inside} lies inside data.root={setup['images']}" in err, err
     assert not (inside / "eval.json").exists() and not (inside / "confusion_matrix.png").exists()
-    # The training run's own confusion matrix would be replaced.
+    # The training run's own reports (confusion matrix, report.html) would be replaced.
     (setup["run"] / "confusion_matrix.png").write_bytes(b"training's figure")
-    line = refused("eval", [*base, f"output_dir={setup['run']}"], setup["run"] / "confusion_matrix.png")
-    assert "would overwrite the training run's confusion_matrix.png" in line
+    (setup["run"] / "report.html").write_text("training's page")
+    kept = (setup["run"] / "confusion_matrix.png", setup["run"] / "report.html")
+    line = refused("eval", [*base, f"output_dir={setup['run']}"], *kept)
+    assert "which would overwrite the training run's report.html" in line
     # Evaluating somewhere else works.
     assert run_cli("eval", [*base, f"hydra.run.dir={tmp_path / 'ok'}"], monkeypatch) == 0
     assert json.loads((tmp_path / "ok" / "eval.json").read_text())["n"] == sum(CLASSES.values())

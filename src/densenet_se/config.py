@@ -93,6 +93,7 @@ class TrainConfig:
     seed: int = 428
     resume: str | None = None
     test_after_fit: bool = True
+    best_report: bool = True
     print_config: bool = True
     experiment_name: str | None = None
 
@@ -110,6 +111,14 @@ class EvalDataConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    # Resamples for the confidence intervals (0: no intervals), their seed, and the interval's coverage.
+    n: int = 2000
+    seed: int = 0
+    level: float = 0.95
+
+
+@dataclass
 class EvalConfig:
     ckpt_path: str | None = None
     split: str = "val"
@@ -117,6 +126,13 @@ class EvalConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     on_missing: str = "error"
     positive_class: str | None = None
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    threshold: float | None = None
+    target_sensitivity: float | None = None
+    target_specificity: float | None = None
+    calibrate: str = "none"
+    tta: str = "none"
+    top_losses: int = 16
     device: str = "auto"
     output_dir: str = "${hydra:runtime.output_dir}"
     task_name: str = "eval"
@@ -130,6 +146,11 @@ class PredictConfig:
     output: str = "${hydra:runtime.output_dir}/predictions.csv"
     batch_size: int = 32
     device: str = "auto"
+    tta: str = "none"
+    calibration: str | None = None
+    operating_point: str | None = None
+    threshold: float | None = None
+    positive_class: str | None = None
     gradcam: bool = False
     gradcam_dir: str | None = None
     max_image_pixels: int = 89_478_485
@@ -146,6 +167,7 @@ class ExportConfig:
     exporter: str = "dynamo"
     opset: int | None = None
     check: bool = True
+    calibration: str | None = None
     output_dir: str = "${hydra:runtime.output_dir}"
     task_name: str = "export"
 

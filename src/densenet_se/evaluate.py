@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torchmetrics.classification import MulticlassConfusionMatrix
 
+from densenet_se import bootstrap
+from densenet_se.assessment import Assessment, Outputs, Settings, assess, compute_metrics  # noqa: F401
+from densenet_se.calibration import check_calibrate
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
 from densenet_se.checks import check
 from densenet_se.config import EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered in config)
@@ -25,11 +27,11 @@ from densenet_se.data.datamodule import ALLOWED as DATA_ALLOWED
 from densenet_se.data.images import MAX_IMAGE_PIXELS
 from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
-from densenet_se.io import atomic_write_text
-from densenet_se.metrics import logged
+from densenet_se.eval_outputs import OUTPUT_FILES, write_outputs
+from densenet_se.inference import check_tta, view_logits
 from densenet_se.names import display_name
+from densenet_se.operating_point import DECISION_KEYS, check_decision
 from densenet_se.paths import check_output, check_outside
-from densenet_se.predict import probabilities
 
 log = logging.getLogger("densenet_se")
 
@@ -130,8 +132,8 @@ def split_entries(split_info: dict[str, Any], split: str, path: Path) -> list[tu
 
 def load_split_images(
     data: EvalData, entries: list[tuple[str, int]], on_missing: str, split: str
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """(uint8 images, labels, [(path, reason)] missing or unreadable), decoded as training's cache does."""
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], list[str]]:
+    """(uint8 images, labels, [(path, reason)] missing or unreadable, relative paths of the images loaded)."""
     from densenet_se.data.cache import decode_files
 
     if data.demo and not data.root.exists():
@@ -169,70 +171,81 @@ def load_split_images(
     if not good:
         raise UserError(f"none of the {len(files)} {split} images can be read under {data.root}.")
     labels = torch.tensor([entries[i][1] for i in good], dtype=torch.long)
-    return images, labels, missing
+    return images, labels, missing, [entries[i][0] for i in good]
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
-def compute_metrics(
-    probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], positive_class: str | None
-) -> dict[str, Any]:
-    """Flat metrics; acc/f1/auroc are the definitions training logs on its test split (densenet_se.metrics)."""
-    k = len(class_names)
-    matrix = [[int(v) for v in row] for row in MulticlassConfusionMatrix(k)(probs, labels).tolist()]
-    out: dict[str, Any] = {"n": int(labels.numel())}
-    out.update({m.name: float(m.build(k)(probs, labels)) for m in logged("test", scored=True)})
-    for c, name in enumerate(class_names):
-        predicted = sum(matrix[r][c] for r in range(k))
-        actual = sum(matrix[c])
-        out[f"precision_{name}"] = matrix[c][c] / predicted if predicted else None
-        out[f"recall_{name}"] = matrix[c][c] / actual if actual else None
-        out[f"support_{name}"] = actual
-    if k == 2:
-        positive = positive_class if positive_class is not None else class_names[0]
-        if positive not in class_names:
-            raise UserError(
-                f"positive_class={positive!r} is not a class; choose one of: {', '.join(class_names)}."
-            )
-        negative = class_names[1 - class_names.index(positive)]
-        out["positive_class"] = positive
-        out["sensitivity"] = out[f"recall_{positive}"]
-        out["specificity"] = out[f"recall_{negative}"]
-    out["class_names"] = list(class_names)
-    out["confusion_matrix"] = matrix
-    return out
-
-
+# ---------------------------------------------------------------------------------------------------- report
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _interval(bounds: Any) -> str:
+    return f"{bounds[0]:.4f} to {bounds[1]:.4f}" if bounds else "-"
+
+
 def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) -> str:
-    """A plain-text table of the metrics, per class and the confusion matrix."""
+    """A plain-text table of the metrics with their intervals, per class and the confusion matrix."""
     names = metrics["class_names"]
     shown = {name: display_name(name) for name in names}  # undecodable or control characters escaped
+    plain = metrics.get("without_tta") or {}
+    level = metrics.get("bootstrap", {}).get("level", 0.95)
     lines = [
         f"split {metrics['split']}: {metrics['n']} images"
         + (" (includes the training images)" if metrics["split"] == "all" else ""),
-        f"  accuracy     {_fmt(metrics['acc'])}"
-        + (
-            f"   (training logged {logged_val_acc:.4f} for this checkpoint)"
-            if logged_val_acc is not None
-            else ""
-        ),
-        f"  F1 (macro)   {_fmt(metrics['f1'])}",
-        f"  AUROC        {_fmt(metrics['auroc'])}",
+        f"  {'metric':<24} {'value':>7}   {f'{100 * level:g} % interval':<18}"
+        + (f"   {'without TTA':>11}" if plain else ""),
     ]
-    if "sensitivity" in metrics:
-        lines.append(
-            f"  sensitivity  {_fmt(metrics['sensitivity'])}   (positive class: {metrics['positive_class']})"
+    headline = {**bootstrap.HEADLINE, **(bootstrap.BINARY if len(names) == 2 else {})}
+    for key, label in headline.items():
+        label = (
+            f"{label} ({display_name(metrics['positive_class'])})" if key in ("sensitivity", "ppv") else label
         )
-        lines.append(f"  specificity  {_fmt(metrics['specificity'])}")
+        method = (metrics.get("ci_method") or {}).get(key)
+        wilson = " " if method is None else "*" if method == "wilson" else "+"
+        line = f"  {label:<24} {_fmt(metrics[key]):>7}   {_interval(metrics.get(f'{key}_ci')) + wilson:<18}"
+        if plain:
+            line += f"   {_fmt(plain.get(key)):>11}"
+        if key == "acc" and logged_val_acc is not None:
+            line += f"   (training logged {logged_val_acc:.4f} for this checkpoint)"
+        lines.append(line)
+    for key, label in (("ece", "ECE (15 bins)"), ("nll", "NLL"), ("brier", "Brier score")):
+        line = f"  {label:<24} {_fmt(metrics[key]):>7}   {'':<18}"
+        lines.append(line + (f"   {_fmt(plain.get(key)):>11}" if plain and key in plain else ""))
+    methods = set((metrics.get("ci_method") or {}).values())
+    if "wilson" in methods:
+        lines.append(
+            "  * every resample gave the same value: the Wilson score interval of the proportion instead"
+        )
+    if methods - {"wilson"}:
+        lines.append("  + every resample gave the same value: no interval (which is not certainty)")
+    calibrated = metrics.get("calibration")
+    if calibrated:
+        before = calibrated["before"]
+        lines.append(
+            f"  temperature {calibrated['temperature']:.4f} (fitted on val): ECE {before['ece']:.4f} -> "
+            f"{metrics['ece']:.4f}, NLL {before['nll']:.4f} -> {metrics['nll']:.4f}"
+        )
+    point = metrics.get("operating_point")
+    if point:
+        lines.append(
+            f"  decision: {point['rule']}"
+            + ("  (optimistic: chosen on this split)" if point["optimistic"] else "")
+        )
     width = max(12, *(len(n) for n in shown.values()))
-    lines += ["", f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'support':>8}"]
+    auroc = len(names) > 2  # one-vs-rest AUROC per class
+    lines += [
+        "",
+        f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'support':>8}" + ("  AUROC" if auroc else ""),
+    ]
     for name in names:
         lines.append(
             f"  {shown[name]:<{width}} {_fmt(metrics[f'precision_{name}']):>9} {_fmt(metrics[f'recall_{name}']):>9} "
             f"{metrics[f'support_{name}']:>8}"
+            + (
+                f"  {_fmt(metrics[f'auroc_{name}'])} ({_interval(metrics.get(f'auroc_{name}_ci'))})"
+                if auroc
+                else ""
+            )
         )
     cell = max(9, *(len(n) for n in shown.values()))
     lines += [
@@ -242,7 +255,7 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
     ]
     for name, row in zip(names, metrics["confusion_matrix"], strict=True):
         lines.append(f"  {shown[name]:<{width}} " + " ".join(f"{v:>{cell}}" for v in row))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def logged_val_acc(run_dir: Path | None, ckpt: dict[str, Any]) -> float | None:
@@ -258,8 +271,8 @@ def logged_val_acc(run_dir: Path | None, ckpt: dict[str, Any]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------- task
-# Every file run() writes into output_dir (checked before anything is read, so none replaces an input).
-EVAL_JSON, CONFUSION_PNG = OUTPUT_FILES = ("eval.json", "confusion_matrix.png")
+# Reports of the training run that an eval output_dir pointed at the run directory would replace.
+RUN_REPORTS = ("confusion_matrix.png", "report.html")
 
 
 def check_outputs(out_dir: Path, data_root: Path, protected: dict[str, Path | None]) -> None:
@@ -269,8 +282,49 @@ def check_outputs(out_dir: Path, data_root: Path, protected: dict[str, Path | No
         check_output("output_dir", out_dir, protected, writes=out_dir / name)
 
 
+TOP_LOSSES_MAX = 64
+
+
+def settings_from(cfg: DictConfig, class_names: list[str]) -> Settings:
+    """eval.py's keys as assessment Settings; UserError (one sentence) for a bad value or combination."""
+    check_tta(cfg.tta)
+    check_calibrate(cfg.calibrate)
+    bootstrap.check_settings(cfg.bootstrap.n, cfg.bootstrap.level)
+    if not 0 <= cfg.top_losses <= TOP_LOSSES_MAX:
+        raise UserError(
+            f"top_losses={cfg.top_losses} is out of range; it must be 0 (none) to {TOP_LOSSES_MAX}."
+        )
+    key = check_decision({k: cfg[k] for k in DECISION_KEYS}, class_names)
+    target = key if key and key != "threshold" else None
+    return Settings(
+        class_names=class_names,
+        positive_class=cfg.positive_class,
+        tta=cfg.tta,
+        bootstrap_n=cfg.bootstrap.n,
+        bootstrap_seed=cfg.bootstrap.seed,
+        bootstrap_level=cfg.bootstrap.level,
+        threshold=cfg.threshold,
+        target=target,
+        target_value=cfg[target] if target else None,
+        calibrate=cfg.calibrate,
+    )
+
+
+def leakage(run_dir: Path | None) -> str:
+    """The training run's statement on near-duplicates across splits, from its metrics.json (untrusted)."""
+    from densenet_se.io import read_json_object
+    from densenet_se.report_html import leakage_statement
+
+    if run_dir is None or not (run_dir / "metrics.json").is_file():
+        return leakage_statement(None)
+    try:
+        return leakage_statement(read_json_object(run_dir / "metrics.json", "metrics.json", "a metrics.json"))
+    except UserError:
+        return leakage_statement(None)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate `cfg.ckpt_path` on `cfg.split`; write eval.json and confusion_matrix.png; return the metrics."""
+    """Evaluate `cfg.ckpt_path` on `cfg.split`; write eval.json, predictions.csv, figures and report.html."""
     if not cfg.ckpt_path:
         raise UserError("ckpt_path is required: python eval.py ckpt_path=<run dir>/checkpoints/best.ckpt")
     if cfg.split not in SPLIT_CHOICES:
@@ -290,6 +344,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"{split_path} lists classes {split_info['class_names']} but the checkpoint predicts {class_names}; "
             "give the split.json of the run that wrote this checkpoint."
         )
+    settings = settings_from(cfg, class_names)
     data = data_settings(cfg, hp, split_info, run_dir)
     out_dir = Path(cfg.output_dir)
     check_outputs(
@@ -298,17 +353,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         {
             "the checkpoint ckpt_path": Path(cfg.ckpt_path).expanduser(),
             "the split file": split_path,
-            "the training run's confusion_matrix.png": run_dir and run_dir / CONFUSION_PNG,
+            **{f"the training run's {name}": run_dir and run_dir / name for name in RUN_REPORTS},
         },
     )
     entries = split_entries(split_info, cfg.split, split_path)
-    images, labels, missing = load_split_images(data, entries, cfg.on_missing, cfg.split)
+    images, labels, missing, paths = load_split_images(data, entries, cfg.on_missing, cfg.split)
 
     device = pick_device(cfg.device)
     module = build_classifier(ckpt, source=f"checkpoint {cfg.ckpt_path}").to(device)
     eval_hp = {**hp, "image_size": data.image_size}
-    probs = probabilities(module, images, eval_hp, data.batch_size, device)
-    metrics = {"split": cfg.split, **compute_metrics(probs, labels, class_names, cfg.positive_class)}
+
+    def outputs_of(split: str, images: torch.Tensor, labels: torch.Tensor, paths: list[str]) -> Outputs:
+        logits = view_logits(module, images, eval_hp, data.batch_size, device, settings.tta)
+        return Outputs(split, logits, labels, paths)
+
+    outputs = outputs_of(cfg.split, images, labels, paths)
+    val = None
+    if (settings.calibrate == "temperature" or settings.target) and split_info.get("val"):
+        if cfg.split == "test":
+            val_entries = split_entries(split_info, "val", split_path)
+            v_images, v_labels, _, v_paths = load_split_images(data, val_entries, cfg.on_missing, "val")
+            val = outputs_of("val", v_images, v_labels, v_paths)
+        else:  # val itself, or its rows inside split=all
+            keep = {rel for rel, _ in split_info["val"]}
+            rows = [i for i, rel in enumerate(paths) if rel in keep]
+            val = Outputs("val", outputs.logits[:, rows], labels[rows], [paths[i] for i in rows])
+    result = assess(outputs, settings, val)
+    metrics = result.metrics
     metrics.update(
         ckpt_path=str(Path(cfg.ckpt_path).expanduser().resolve()),
         epoch=ckpt.get("epoch"),
@@ -316,18 +387,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         data_root=str(data.root),
         image_size=data.image_size,
         missing=[list(m) for m in missing],
+        leakage=leakage(run_dir),
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / EVAL_JSON, json.dumps(metrics, indent=2) + "\n")
-    from densenet_se import plots
-
-    title = f"{cfg.split}, {Path(cfg.ckpt_path).name}"
-    plots.save_figure(
-        plots.confusion_matrix_figure(metrics["confusion_matrix"], class_names, title),
-        out_dir / CONFUSION_PNG,
+    written = write_outputs(out_dir, result, module, images, eval_hp, device, cfg.top_losses, len(missing))
+    # Training's logged accuracy is for argmax on the images as they are: comparable only then.
+    comparable = (
+        cfg.split == "val" and settings.threshold is None and not settings.target and cfg.tta == "none"
     )
-    logged = logged_val_acc(run_dir, ckpt) if cfg.split == "val" else None
+    logged = logged_val_acc(run_dir, ckpt) if comparable else None
     print(format_report(metrics, logged), flush=True)
-    print(f"eval.json and confusion_matrix.png written to {out_dir}", flush=True)
+    print(f"{', '.join(written)} written to {out_dir}", flush=True)
     return metrics

@@ -102,3 +102,23 @@ def save_overlay(path: Path, heat: torch.Tensor, out: Path, max_image_pixels: in
     buffer = io.BytesIO()
     overlay(display_image(path, max_image_pixels), heat).save(buffer, format="PNG")
     return atomic_write_bytes(out, buffer.getvalue())
+
+
+def gradcam_overlays(
+    module: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    hparams: dict[str, Any],
+    device: torch.device,
+) -> list[Image.Image]:
+    """Grad-CAM overlays for `targets` on uint8 images [k,3,S,S], drawn on the images the model saw."""
+    from densenet_se.inference import to_model_input
+
+    cam = GradCAM(module)
+    try:
+        x = to_model_input(images.to(device), hparams["mean"], hparams["std"])
+        _, maps = cam(x, target=targets.to(device))
+    finally:
+        cam.close()
+    pictures = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
+    return [overlay(picture, heat) for picture, heat in zip(pictures, maps, strict=True)]

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from densenet_se.calibration import load_calibration
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.config import ExportConfig  # noqa: F401  (schemas, registered in config)
 from densenet_se.errors import UserError
@@ -165,6 +166,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"exporter={cfg.exporter!r} is not allowed; choose one of: {', '.join(EXPORTERS)}.")
     ckpt = load_checkpoint(cfg.ckpt_path)
     hp = ckpt["hyper_parameters"]
+    calibration = None
+    if cfg.calibration:  # checked before the (slow) export, and carried into the sidecar
+        loaded = load_calibration(cfg.calibration, [str(c) for c in hp["class_names"]])
+        calibration = {
+            "method": "temperature",
+            "temperature": loaded["temperature"],
+            "apply": "probabilities = softmax(logits / temperature); the `probabilities` output is uncalibrated",
+            "fitted_with_tta": loaded["tta"],
+            "source": str(Path(cfg.calibration).expanduser().resolve()),
+        }
     net = inference_network(ckpt)
     output = (
         Path(cfg.output).expanduser() if cfg.output else Path(cfg.output_dir) / f"model{FORMATS[cfg.format]}"
@@ -175,7 +186,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     protected = {"the checkpoint ckpt_path": Path(cfg.ckpt_path).expanduser()}
     check_output("output", output, protected)
     check_output("output", output, protected, writes=side)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"calibration": calibration}
     if cfg.format == "state_dict":
         export_state_dict(net, output)
         extra["load_with"] = (

@@ -1,8 +1,9 @@
-"""Atomic file writes: readers never see a half-written file, and concurrent writers never interleave."""
+"""Atomic file writes (readers never see a half-written file), and bounded reads of JSON files people pass in."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -112,3 +113,26 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     return out.getvalue()
+
+
+def read_json_object(path: str | os.PathLike[str], key: str, what: str, max_bytes: int = 10 << 20) -> dict:
+    """The JSON object in a file given as `key=path`; UserError (one sentence) if missing, too big or not one.
+
+    Files people pass in (eval.json, calibration.json) may come from anywhere: the size is checked before
+    anything is read.
+    """
+    from densenet_se.errors import UserError
+
+    file = Path(path).expanduser()
+    hint = f"give {what}"
+    if not file.is_file():
+        raise UserError(f"{key}={path} does not exist or is not a file; {hint}.")
+    if file.stat().st_size > max_bytes:
+        raise UserError(f"{key}={path} is larger than {max_bytes >> 20} MiB, too big to be {what}.")
+    try:
+        data = json.loads(file.read_bytes())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{key}={path} cannot be read as JSON ({type(err).__name__}); {hint}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{key}={path} is not {what} (it holds no JSON object).")
+    return data

@@ -28,6 +28,8 @@ class Metric:
     # computes it (the loss).
     torchmetric: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # Computed from the class probabilities' ranking (AUROC), also when the decisions come from a threshold.
+    from_scores: bool = False
 
     def build(self, num_classes: int) -> Any:
         """A fresh torchmetrics object for `num_classes` classes (it takes probabilities or logits, and labels)."""
@@ -42,7 +44,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("acc", "accuracy", STAGES, True, "MulticlassAccuracy", {"average": "micro"}),
     Metric("f1", "F1 (macro)", ("val", "test"), True, "MulticlassF1Score", {"average": "macro"}),
     # Macro one-vs-rest; with two classes this equals the binary AUROC.
-    Metric("auroc", "AUROC", ("val", "test"), True, "MulticlassAUROC", {"average": "macro"}),
+    Metric(
+        "auroc", "AUROC", ("val", "test"), True, "MulticlassAUROC", {"average": "macro"}, from_scores=True
+    ),
     Metric("loss", "loss", STAGES, False),  # cross-entropy (class weights and label smoothing included)
 )
 # The metric whose best validation value picks the best epoch: best.ckpt, `val/acc_best`, metrics.json's

@@ -18,10 +18,10 @@ from densenet_se.io import atomic_write_bytes  # noqa: E402
 from densenet_se.names import display_name  # noqa: E402
 
 
-def figure_png(fig: Figure, dpi: int = 110) -> bytes:
-    """A figure rendered as PNG bytes; closes it."""
+def figure_png(fig: Figure, dpi: int = 110, tight: bool = True) -> bytes:
+    """A figure rendered as PNG bytes; closes it. tight=False skips the extra layout pass (fixed margins)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return buffer.getvalue()
 

@@ -1,7 +1,9 @@
 """The predict task: class probabilities for an image file or a folder (recursive), written to a CSV.
 
 Preprocessing comes from the checkpoint's hparams (image_size, mean, std, class_names) and the image helpers
-training uses, so a file gets exactly the tensor it would have had as a validation image.
+training uses, so a file gets exactly the tensor it would have had as a validation image. Optional: TTA
+(`tta=`), a temperature (`calibration=`) and a two-class threshold (`operating_point=` or `threshold=`), all
+applied as eval.py applied them.
 """
 
 from __future__ import annotations
@@ -18,54 +20,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from densenet_se.calibration import load_calibration
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device
 from densenet_se.config import PredictConfig  # noqa: F401  (schemas, registered in config)
-from densenet_se.data.images import (
-    IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BadImageError,
-    decode_image,
-    normalize,
-)
+from densenet_se.data.images import IMAGE_EXTENSIONS, BadImageError, decode_image
 from densenet_se.errors import UserError
+from densenet_se.inference import check_tta, combine, to_model_input, view_logits
 from densenet_se.io import atomic_write_text
 from densenet_se.names import display_name, file_list_text
+from densenet_se.operating_point import check_decision, decide, load_operating_point, positive_index
 from densenet_se.paths import check_output, check_outside, resolved
 
 log = logging.getLogger("densenet_se")
-
-
-def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N,3,H,W] to the float32 the model was trained on: (x/255 - mean) / std."""
-    if _same(mean, IMAGENET_MEAN) and _same(std, IMAGENET_STD):
-        return normalize(images)  # training's own function, so values match it bit for bit
-    # The data module always normalises with ImageNet statistics; other values only come from a
-    # hand-made checkpoint, and then its own statistics are the best guess.
-    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
-    scale, shift = (1.0 / (255.0 * s)).float().to(images.device), (-m / s).float().to(images.device)
-    return torch.addcmul(shift, images.float(), scale)
-
-
-def _same(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-9 for x, y in zip(a, b, strict=True))
-
-
-@torch.inference_mode()
-def probabilities(
-    module: torch.nn.Module,
-    images: torch.Tensor,
-    hparams: dict[str, Any],
-    batch_size: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Softmax probabilities [N, C] for uint8 images [N,3,S,S], computed batch by batch as validation does."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start : start + batch_size].to(device), hparams["mean"], hparams["std"])
-        out.append(module(x).float().softmax(dim=1).cpu())
-    return torch.cat(out) if out else torch.empty(0, hparams["num_classes"])
 
 
 def list_images(source: str | Path) -> list[Path]:
@@ -125,6 +91,38 @@ def skipped_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}_skipped.txt")
 
 
+def decision_settings(cfg: DictConfig, class_names: list[str]) -> dict[str, Any]:
+    """Temperature (calibration=), threshold and positive class (operating_point= or threshold=), checked."""
+    temperature = 1.0
+    if cfg.calibration:
+        calibration = load_calibration(cfg.calibration, class_names)
+        temperature = calibration["temperature"]
+        if calibration["tta"] not in (None, cfg.tta):
+            log.warning(
+                "calibration=%s was fitted with tta=%s; predicting with tta=%s",
+                cfg.calibration,
+                calibration["tta"],
+                cfg.tta,
+            )
+    if cfg.operating_point and cfg.threshold is not None:
+        raise UserError("operating_point and threshold are both set; give one of them.")
+    threshold, positive = None, 0
+    if cfg.operating_point:
+        point = load_operating_point(cfg.operating_point, class_names, cfg.tta, temperature)
+        threshold, positive = point["threshold"], point["positive"]
+    elif cfg.threshold is not None:
+        check_decision({"threshold": cfg.threshold}, class_names)
+        threshold, positive = float(cfg.threshold), positive_index(class_names, cfg.positive_class)
+    if threshold is not None:
+        log.info(
+            "calling %s when its probability is >= %.6g, else %s",
+            class_names[positive],
+            threshold,
+            class_names[1 - positive],
+        )
+    return {"temperature": temperature, "threshold": threshold, "positive": positive}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of `cfg.input`; returns {"rows": [...], "skipped": [(path, reason)], "output": path}."""
     if not cfg.ckpt_path:
@@ -135,11 +133,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("input is required: python predict.py ckpt_path=... input=<image file or folder>")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be at least 1.")
+    check_tta(cfg.tta)
     ckpt = load_checkpoint(cfg.ckpt_path)
     hp = ckpt["hyper_parameters"]
+    class_names = [str(c) for c in hp["class_names"]]
+    decision = decision_settings(cfg, class_names)
     device = pick_device(cfg.device)
     module = build_classifier(ckpt, source=f"checkpoint {cfg.ckpt_path}").to(device)
-    class_names = [str(c) for c in hp["class_names"]]
     files = list_images(cfg.input)
     output = Path(cfg.output).expanduser()
     cam = cam_dir = None
@@ -162,19 +162,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             skipped.extend(bad)
             if images is None:
                 continue
-            if cam is not None:
-                x = to_model_input(images.to(device), hp["mean"], hp["std"])
-                probs, maps = cam(x)
+            logits = view_logits(module, images, hp, cfg.batch_size, device, cfg.tta)
+            combined = combine(logits, decision["temperature"])
+            preds = decide(combined.probs, decision["threshold"], decision["positive"])
+            if cam is not None:  # the map of the class called, on the image itself
+                _, maps = cam(
+                    to_model_input(images.to(device), hp["mean"], hp["std"]), target=preds.to(device)
+                )
                 _save_overlays(good, maps, cam_dir, base, cfg.max_image_pixels)
-            else:
-                probs = probabilities(module, images, hp, cfg.batch_size, device)
-            for path, p in zip(good, probs.tolist(), strict=True):
-                best = max(range(len(p)), key=p.__getitem__)
-                rows.append({"path": str(path), "predicted": class_names[best], "probs": p})
+            for i, path in enumerate(good):
+                rows.append(
+                    {
+                        "path": str(path),
+                        "predicted": class_names[int(preds[i])],
+                        "probs": combined.probs[i].tolist(),
+                        "uncertainty": float(combined.uncertainty[i]),
+                    }
+                )
 
     if cam is not None:
         cam.close()
-    write_csv(output, rows, class_names)
+    write_csv(output, rows, class_names, with_uncertainty=cfg.tta != "none")
     listing = skipped_path(output)
     atomic_write_text(listing, file_list_text(skipped))
     log.info("wrote %d prediction(s) to %s", len(rows), output)
@@ -182,7 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.warning("skipped %d unreadable file(s), listed in %s", len(skipped), listing)
     if cam_dir is not None and rows:
         log.info("Grad-CAM overlays in %s", cam_dir)
-    return {"rows": rows, "skipped": skipped, "output": output, "gradcam_dir": cam_dir}
+    return {"rows": rows, "skipped": skipped, "output": output, "gradcam_dir": cam_dir, **decision}
 
 
 def check_outputs(
@@ -206,13 +214,16 @@ def check_outputs(
             check_output("gradcam_dir", cam_dir, protected, inputs, writes=overlay_path(path, cam_dir, base))
 
 
-def write_csv(output: Path, rows: list[dict[str, Any]], class_names: list[str]) -> None:
-    """Columns: path, predicted, then one probability column per class name."""
+def write_csv(
+    output: Path, rows: list[dict[str, Any]], class_names: list[str], with_uncertainty: bool = False
+) -> None:
+    """Columns: path, predicted, one probability per class name, and `uncertainty` with TTA."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "predicted", *class_names])
+    writer.writerow(["path", "predicted", *class_names, *(["uncertainty"] if with_uncertainty else [])])
     for row in rows:
-        writer.writerow([row["path"], row["predicted"], *(f"{p:.8g}" for p in row["probs"])])
+        extra = [f"{row['uncertainty']:.6g}"] if with_uncertainty else []
+        writer.writerow([row["path"], row["predicted"], *(f"{p:.8g}" for p in row["probs"]), *extra])
     # A path that is not UTF-8 is written as the bytes the file system holds (csv quotes tabs and newlines).
     atomic_write_text(output, buffer.getvalue(), errors="surrogateescape")
 

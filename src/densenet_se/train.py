@@ -157,6 +157,29 @@ def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Traine
         raise UserError(f"the trainer settings are invalid: {_cause(ex)}") from ex
 
 
+def best_checkpoint_report(
+    cfg: DictConfig, trainer: L.Trainer, datamodule: ImageFolderDataModule, run_dir: Path
+) -> dict[str, Any] | None:
+    """RUN/report.html for the best checkpoint; returns the test split's intervals for metrics.json."""
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not cfg.get("best_report", True) or not best_path:  # .get: a resumed run's config may predate the key
+        return None
+    from densenet_se.best_report import write_best_report
+
+    try:
+        return write_best_report(
+            run_dir,
+            best_path,
+            datamodule,
+            datamodule.split_report,
+            trainer.strategy.root_device,
+            with_test=bool(cfg.test_after_fit and datamodule.has_test),
+        )
+    except Exception as err:  # the run's checkpoints and metrics stand; eval.py can write the page later
+        log.warning("could not write report.html for %s: %s: %s", best_path, type(err).__name__, err)
+        return None
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train as `cfg` says; return the best validation accuracy (the value sweepers optimise)."""
     route_lightning_logs()
@@ -211,6 +234,9 @@ def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> flo
         test["confusion_matrix"] = module.last_test_confmat
         report.test = test
     if trainer.is_global_zero:
+        with_intervals = best_checkpoint_report(cfg, trainer, datamodule, run_dir)
+        if with_intervals and report.test is not None:
+            report.test.update(with_intervals)
         report.write_metrics(trainer)
     best = report.best()
     if best is not None:

@@ -23,6 +23,8 @@ TINY = [
     "trainer.num_sanity_val_steps=0",
     "trainer.log_every_n_steps=1",
     "optim.lr=0.01",
+    # The end-of-run report.html costs about a second of figures; the tests of the report turn it on.
+    "best_report=false",
 ]
 
 

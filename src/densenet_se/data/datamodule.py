@@ -464,6 +464,20 @@ class ImageFolderDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", shuffle=False)
 
+    def split_images(self, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(uint8 images [n,3,S,S], labels [n], relative paths) of a whole split, from the cache or decoded now.
+
+        For reports after training: every image once, in this process, whatever the loaders' sharding.
+        """
+        self._require_setup()
+        indices = self._indices[name]
+        paths = [self.files[i] for i in indices]
+        labels = self._labels[indices]
+        if self._images is not None:
+            return self._images[indices], labels, paths
+        good, images, _ = cache_lib.decode_files(self._root, paths, self.image_size, self.max_image_pixels)
+        return images, labels[good], [paths[i] for i in good]  # a file unreadable since setup is left out
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 images to normalised float32 on the device; augmented while training if data.augment."""
         if isinstance(batch, torch.Tensor):
