@@ -209,7 +209,7 @@ def test_bad_config_as_a_subprocess_prints_one_line_and_exits_2(tmp_path):
 def test_yaml_defaults_mirror_schema_and_constructors():
     import inspect
 
-    from densenet_se.config import DataConfig, ModelConfig, OptimConfig
+    from densenet_se.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig
     from densenet_se.data import ImageFolderDataModule
     from densenet_se.models import DenseNetSE
     from densenet_se.module import DenseNetSEClassifier
@@ -218,6 +218,7 @@ def test_yaml_defaults_mirror_schema_and_constructors():
         ("data/imagefolder", DataConfig),
         ("model/densenet121_se", ModelConfig),
         ("optim/adam", OptimConfig),
+        ("augment/none", AugmentConfig),
     ):
         node = OmegaConf.load(CONF / f"{yaml_name}.yaml")
         default = OmegaConf.structured(schema)

@@ -30,7 +30,8 @@ class DataConfig:
     num_workers: int = 0
     cache: str = "memory"
     cache_dir: str | None = None
-    augment: bool = False
+    # Replaced by the augment group: null; false means augment=none; true is refused (use augment=light).
+    augment: bool | None = None
     on_bad_file: str = "skip"
     demo: bool = False
     pin_memory: bool = False
@@ -69,6 +70,50 @@ class OptimConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     class_weights: Any | None = None
+    # Fine-tuning (densenet_se.finetune): epochs with the backbone frozen, and the backbone's share of optim.lr.
+    freeze_epochs: int = 0
+    backbone_lr_mult: float = 1.0
+
+
+@dataclass
+class AugmentConfig:
+    """augment=none|light|strong|custom (conf/augment/): the training augmentation (densenet_se.data.augment)."""
+
+    policy: str = "none"
+    crop_scale_min: float = 1.0
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rotation: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    auto: str = "none"
+    magnitude: int = 9
+    num_ops: int = 2
+    magnitude_bins: int = 31
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+
+
+@dataclass
+class EmaConfig:
+    """The weight average of callbacks=ema (densenet_se.ema)."""
+
+    decay: float = 0.999
+    warmup: bool = True
+
+
+@dataclass
+class TuneConfig:
+    """tune.lr_find=true: Lightning's learning-rate range test before training (densenet_se.tune)."""
+
+    lr_find: bool = False
+    apply: bool = False
+    min_lr: float = 1e-6
+    max_lr: float = 1.0
+    num_training: int = 100
 
 
 @dataclass
@@ -84,6 +129,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
@@ -251,13 +299,33 @@ _RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
+# The recipe keys' choices, ranges and cross-key checks live beside the code that uses them.
+_RECIPE_MODULES = (
+    "densenet_se.data.augment",
+    "densenet_se.data.mixing",
+    "densenet_se.ema",
+    "densenet_se.tune",
+    "densenet_se.finetune",
+)
+
+
+def _recipe_checks() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[Any, str]], list[Any]]:
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _RECIPE_MODULES]
+    choices = {k: v for m in modules for k, v in getattr(m, "CHOICES", {}).items()}
+    ranges = {k: v for m in modules for k, v in getattr(m, "RANGES", {}).items()}
+    return choices, ranges, [m.check for m in modules if hasattr(m, "check")]
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise UserError naming the first out-of-range key and its allowed values."""
-    for key, allowed in _CHOICES.items():
+    recipe_choices, recipe_ranges, recipe_checks = _recipe_checks()
+    for key, allowed in (_CHOICES | recipe_choices).items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise UserError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}.")
-    for key, (ok, words) in _RANGES.items():
+    for key, (ok, words) in (_RANGES | recipe_ranges).items():
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
@@ -285,6 +353,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(
                 "optim.class_weights must be null, 'balanced', or a list of non-negative numbers, one per class."
             )
+    for check in recipe_checks:
+        check(cfg)
 
 
 def _show(value: Any) -> str:

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -17,7 +17,9 @@ from torchmetrics.classification import (
 )
 
 from densenet_se.errors import UserError
+from densenet_se.finetune import param_groups, set_backbone_frozen
 from densenet_se.models import DenseNetSE
+from densenet_se.soft_targets import soft_cross_entropy, target_share
 
 MODEL_KEYS = (
     "growth_rate",
@@ -65,6 +67,8 @@ class DenseNetSEClassifier(L.LightningModule):
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
+        freeze_epochs: int = 0,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         # Plain values only (lists, not tuples or OmegaConf nodes): checkpoints must load with weights_only=True.
@@ -95,6 +99,8 @@ class DenseNetSEClassifier(L.LightningModule):
                 "warmup_epochs": int(warmup_epochs),
                 "label_smoothing": float(label_smoothing),
                 "class_weights": [float(w) for w in class_weights] if class_weights is not None else None,
+                "freeze_epochs": int(freeze_epochs),
+                "backbone_lr_mult": float(backbone_lr_mult),
             }
         )
         hp = self.hparams
@@ -123,6 +129,8 @@ class DenseNetSEClassifier(L.LightningModule):
             )
 
         self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")})
+        # train/acc under MixUp/CutMix (soft targets): the mean share of the target on the predicted class.
+        self.train_soft_acc = MeanMetric()
         self.val_metrics = metrics()
         self.test_metrics = metrics()
         self.val_confmat = MulticlassConfusionMatrix(num_classes)
@@ -141,6 +149,8 @@ class DenseNetSEClassifier(L.LightningModule):
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         weight = self.class_weight.to(logits.dtype) if self.class_weight is not None else None
+        if y.dim() == 2:  # soft targets from MixUp/CutMix
+            return soft_cross_entropy(logits, y, weight, self.hparams.label_smoothing)
         return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.hparams.label_smoothing)
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -163,13 +173,22 @@ class DenseNetSEClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_acc_best = checkpoint.get("val_acc_best")
 
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.freeze_epochs:
+            set_backbone_frozen(self.model, self.current_epoch < self.hparams.freeze_epochs)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        self.train_metrics.update(logits.detach(), y)
+        if y.dim() == 2:
+            self.train_soft_acc.update(target_share(logits.detach(), y))
+            acc: Any = self.train_soft_acc
+        else:
+            self.train_metrics.update(logits.detach(), y)
+            acc = self.train_metrics["acc"]
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
-        self.log("train/acc", self.train_metrics["acc"], on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -232,7 +251,7 @@ class DenseNetSEClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = self.parameters()
+        params = param_groups(self.model, hp.lr, hp.backbone_lr_mult)
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adamw":

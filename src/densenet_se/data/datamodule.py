@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from densenet_se.data import cache as cache_lib
-from densenet_se.data.augment import augment_batch, build_augmentation
+from densenet_se.data.augment import TrainBatchTransform, check_legacy_augment
 from densenet_se.data.groups import (
     csv_groups_for,
     group_summary,
@@ -22,7 +23,7 @@ from densenet_se.data.groups import (
     groups_from_pattern,
     leakage_warning,
 )
-from densenet_se.data.images import MAX_IMAGE_PIXELS, normalize, scan_image_folder, standardize
+from densenet_se.data.images import MAX_IMAGE_PIXELS, normalize, scan_image_folder
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
 from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
 from densenet_se.distributed import eval_sampler, eval_shard
@@ -55,7 +56,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache: str = "memory",
         cache_dir: str | None = None,
-        augment: bool = False,
+        augment: bool | None = None,
         on_bad_file: str = "skip",
         demo: bool = False,
         output_dir: str | None = None,
@@ -67,7 +68,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         fold: int = 0,
         group_pattern: str | None = None,
         groups: str | None = None,
+        augmentation: Mapping[str, Any] | None = None,
     ) -> None:
+        """`augmentation`: the augment.* settings (densenet_se.data.augment); `augment` is the retired switch."""
         super().__init__()
         if int(image_size) < 32:
             raise UserError(
@@ -83,6 +86,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UserError(f"data.on_bad_file={on_bad_file!r} is not one of {', '.join(BAD_FILE_MODES)}.")
         if int(max_image_pixels) < 1:
             raise UserError(f"data.max_image_pixels={max_image_pixels} must be a positive number of pixels.")
+        check_legacy_augment(augment, (augmentation or {}).get("policy", "none"))
         check_fractions(float(val_fraction), float(test_fraction))
         check_folds(int(folds), int(fold))
         if group_pattern and groups:
@@ -102,12 +106,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             float(test_fraction),
             int(split_seed),
         )
-        self.num_workers, self.cache, self.augment, self.on_bad_file = (
-            int(num_workers),
-            cache,
-            bool(augment),
-            on_bad_file,
-        )
+        self.num_workers, self.cache, self.on_bad_file = int(num_workers), cache, on_bad_file
+        self.augmentation = dict(augmentation or {})
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_lib.default_cache_dir()
         self.demo = bool(demo)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -130,7 +130,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._images: torch.Tensor | None = None
         self._indices: dict[str, list[int]] = {}
         self._on_device: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
-        self._augmentation: torch.nn.Module | None = None
+        self._train_transform: TrainBatchTransform | None = None
 
     # ---- preparing -------------------------------------------------------------------------------
     def _is_global_zero(self) -> bool:
@@ -422,17 +422,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 images to normalised float32 on the device; augmented while training if data.augment."""
+        """uint8 images to normalised float32 on the device; while training, augmented (and mixed) as set."""
         if isinstance(batch, torch.Tensor):
             # A bare image tensor (the model summary's example input, predict batches): float passes through.
             return batch if batch.is_floating_point() else normalize(batch)
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        if self.augment and training:
-            if self._augmentation is None:
-                self._augmentation = build_augmentation()
-            unit = augment_batch(self._augmentation, images.float().div_(255.0))
-            return standardize(unit), labels
+        if training and self.augmentation:
+            if self._train_transform is None:
+                self._train_transform = TrainBatchTransform(
+                    self.augmentation, self.image_size, self.num_classes
+                )
+            if not self._train_transform.is_identity:
+                return self._train_transform(images, labels)
         return normalize(images), labels
 
     def teardown(self, stage: str | None = None) -> None:
