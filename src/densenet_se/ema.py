@@ -33,7 +33,7 @@ def ema_decay(decay: float, updates: int, warmup: bool) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
 
 
-def _ema_update(decay: float, warmup: bool) -> Callable[[list, list, Any], None]:
+def ema_update(decay: float, warmup: bool) -> Callable[[list, list, Any], None]:
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
         # The AveragedModel already read its update count on the host this step, so int() syncs nothing new.
@@ -51,7 +51,7 @@ class EMAWeights(WeightAveraging):
     """Exponential moving average of all weights and BatchNorm statistics, updated after every optimizer step."""
 
     def __init__(self, decay: float = 0.999, warmup: bool = True) -> None:
-        super().__init__(use_buffers=True, multi_avg_fn=_ema_update(float(decay), bool(warmup)))
+        super().__init__(use_buffers=True, multi_avg_fn=ema_update(float(decay), bool(warmup)))
         self.decay, self.warmup = float(decay), bool(warmup)
 
     def on_load_checkpoint(
