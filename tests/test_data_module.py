@@ -345,7 +345,8 @@ def test_lightning_fit_with_device_cache(tree, tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model = Tiny()
-    dm = _dm(tree, tmp_path, cache="device", augment=True, output_dir=str(tmp_path / "run"))
+    light = {"hflip": 0.5, "rotation": 15.0, "brightness": 0.1}
+    dm = _dm(tree, tmp_path, cache="device", augmentation=light, output_dir=str(tmp_path / "run"))
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
