@@ -46,6 +46,12 @@ def test_the_average_follows_its_recursion(warmup):
     assert np.allclose(averaged.module.weight.detach().numpy(), want, atol=1e-6)
 
 
+def test_ema_combines_with_early_stopping(tmp_path):
+    both = compose_cfg(tmp_path, ["callbacks=[ema,early_stopping]", "ema.decay=0.99"])
+    assert both.callbacks.ema.decay == 0.99 and both.callbacks.early_stopping.patience == 5
+    assert both.callbacks.model_checkpoint.monitor == "val/acc"
+
+
 def _datamodule(cfg) -> ImageFolderDataModule:
     dm = ImageFolderDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
     dm.setup()
