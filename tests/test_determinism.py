@@ -13,7 +13,7 @@ from densenet_se.train import run
 from test_train import compose_cfg
 
 # Dropout, augmentation and a test split on: every random draw and every report field is compared.
-ARGS = [*TINY, "model.drop_rate=0.2", "data.augment=true", "data.test_fraction=0.2", "print_config=false"]
+ARGS = [*TINY, "model.drop_rate=0.2", "augment=light", "data.test_fraction=0.2", "print_config=false"]
 
 
 def train(tmp_path: Path, images: Path, *extra: str) -> tuple[dict, dict]:
