@@ -9,7 +9,17 @@ from dataclasses import fields
 import pytest
 
 from densenet_se import config
-from densenet_se.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, closest_key, validate
+from densenet_se.config import (
+    AugmentConfig,
+    DataConfig,
+    EmaConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    TuneConfig,
+    closest_key,
+    validate,
+)
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
@@ -58,6 +68,33 @@ BAD: dict[str, tuple[object, str]] = {
     "trainer.limit_val_batches": (-1, "a fraction in [0, 1] or a number of batches >= 0"),
     "trainer.limit_test_batches": (-0.5, "a fraction in [0, 1] or a number of batches >= 0"),
 }
+# The recipe keys (checked beside their code: data/augment.py, data/mixing.py, ema.py, tune.py, finetune.py).
+BAD_RECIPE: dict[str, tuple[object, str]] = {
+    "augment.crop_scale_min": (0.0, "a number in (0, 1] (1: no random crop)"),
+    "augment.hflip": (1.5, "a probability in [0, 1]"),
+    "augment.vflip": (-0.1, "a probability in [0, 1]"),
+    "augment.rotation": (200.0, "a number of degrees in [0, 180]"),
+    "augment.brightness": (1.5, "a number in [0, 1]"),
+    "augment.contrast": (-0.1, "a number in [0, 1]"),
+    "augment.saturation": (2.0, "a number in [0, 1]"),
+    "augment.hue": (0.6, "a number in [0, 0.5]"),
+    "augment.magnitude": (-1, "an integer >= 0 (and below augment.magnitude_bins)"),
+    "augment.num_ops": (0, "an integer >= 1"),
+    "augment.magnitude_bins": (1, "an integer >= 2"),
+    "augment.mixup_alpha": (-0.5, "a number >= 0 (0: no MixUp; 0.2-0.4 is usual)"),
+    "augment.cutmix_alpha": (-1.0, "a number >= 0 (0: no CutMix; 1.0 is usual)"),
+    "augment.mix_prob": (1.5, "a probability in [0, 1]"),
+    "ema.decay": (1.0, "a number in (0, 1), e.g. 0.999"),
+    "tune.min_lr": (0.0, "a number in (0, 10]"),
+    "tune.max_lr": (20.0, "a number in (0, 10]"),
+    "tune.num_training": (10, "an integer >= 20 (the suggestion skips the first 10 steps)"),
+    "optim.freeze_epochs": (-1, "an integer >= 0 (0: the backbone is never frozen)"),
+    "optim.backbone_lr_mult": (1.5, "a number in [0, 1] (1: one learning rate for all)"),
+}
+BAD_RECIPE_CHOICE: dict[str, tuple[str, str]] = {
+    "augment.policy": ("heavy", "none, light, strong, custom"),
+    "augment.auto": ("autoaugment", "none, randaugment, trivialaugment"),
+}
 BAD_CHOICE: dict[str, tuple[str, str]] = {
     "data.cache": ("gpu", "none, memory, disk, device"),
     "data.on_bad_file": ("ignore", "skip, error"),
@@ -76,9 +113,9 @@ def base_cfg(tmp_path_factory):
 
 def test_every_range_and_choice_is_tested():
     rules = config.rules()
-    assert set(BAD) == {key for key, rule in rules.items() if not isinstance(rule, tuple)}
+    assert set(BAD) | set(BAD_RECIPE) == {key for key, rule in rules.items() if not isinstance(rule, tuple)}
     assert {key: ", ".join(rule) for key, rule in rules.items() if isinstance(rule, tuple)} == {
-        key: allowed for key, (_, allowed) in BAD_CHOICE.items()
+        key: allowed for key, (_, allowed) in (BAD_CHOICE | BAD_RECIPE_CHOICE).items()
     }
 
 
@@ -88,27 +125,30 @@ def test_every_numeric_key_is_range_checked():
         ("model.", ModelConfig),
         ("optim.", OptimConfig),
         ("", TrainConfig),
+        ("augment.", AugmentConfig),
+        ("ema.", EmaConfig),
+        ("tune.", TuneConfig),
     ):
         for f in fields(schema):
             if f.type in ("int", "float", int, float):
                 key = prefix + f.name
-                assert key in BAD or key in UNCHECKED, f"{key} has no range check"
+                assert key in BAD or key in BAD_RECIPE or key in UNCHECKED, f"{key} has no range check"
 
 
-@pytest.mark.parametrize("key", sorted(BAD))
+@pytest.mark.parametrize("key", sorted(BAD | BAD_RECIPE))
 def test_out_of_range_values_name_the_key_and_the_range(base_cfg, key):
     cfg = copy.deepcopy(base_cfg)
-    value, words = BAD[key]
+    value, words = (BAD | BAD_RECIPE)[key]
     config.OmegaConf.update(cfg, key, value, force_add=True)
     with pytest.raises(UserError) as err:
         validate(cfg)
     assert str(err.value) == f"{key}={value} is out of range; it must be {words}."
 
 
-@pytest.mark.parametrize("key", sorted(BAD_CHOICE))
+@pytest.mark.parametrize("key", sorted(BAD_CHOICE | BAD_RECIPE_CHOICE))
 def test_unknown_choices_list_the_allowed_ones(base_cfg, key):
     cfg = copy.deepcopy(base_cfg)
-    value, allowed = BAD_CHOICE[key]
+    value, allowed = (BAD_CHOICE | BAD_RECIPE_CHOICE)[key]
     config.OmegaConf.update(cfg, key, value)
     with pytest.raises(UserError) as err:
         validate(cfg)

@@ -293,7 +293,8 @@ def test_read_only_data_folder_is_never_written(tree, tmp_path):
 
 
 def test_on_after_batch_transfer_normalises_and_augments_only_in_training(tree, tmp_path):
-    dm = _dm(tree, tmp_path, augment=True)
+    light = {"policy": "light", "crop_scale_min": 0.8, "hflip": 0.5, "rotation": 15.0, "brightness": 0.1}
+    dm = _dm(tree, tmp_path, augmentation=light)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     images, labels = dm.on_after_batch_transfer(batch, 0)  # no trainer: not training
@@ -351,7 +352,8 @@ def test_lightning_fit_with_device_cache(tree, tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model = Tiny()
-    dm = _dm(tree, tmp_path, cache="device", augment=True, output_dir=str(tmp_path / "run"))
+    light = {"hflip": 0.5, "rotation": 15.0, "brightness": 0.1}
+    dm = _dm(tree, tmp_path, cache="device", augmentation=light, output_dir=str(tmp_path / "run"))
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",

@@ -14,7 +14,7 @@ from helpers.config import TINY, compose_cfg
 from helpers.images import make_image_folder
 
 # Dropout, augmentation and a test split on: every random draw and every report field is compared.
-ARGS = [*TINY, "model.drop_rate=0.2", "data.augment=true", "data.test_fraction=0.2", "print_config=false"]
+ARGS = [*TINY, "model.drop_rate=0.2", "augment=light", "data.test_fraction=0.2", "print_config=false"]
 
 
 def train(tmp_path: Path, images: Path, *extra: str) -> tuple[dict, dict]:

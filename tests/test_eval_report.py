@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import densenet_se.evaluate as evaluate
 import densenet_se.export as export
@@ -23,7 +22,7 @@ from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.config import compose_train_config
 from densenet_se.data.images import load_image, normalize
 from densenet_se.module import DenseNetSEClassifier
-from helpers.config import CONF, ROOT, TINY
+from helpers.config import CONF, ROOT, TINY, task_cfg
 from helpers.images import make_image_folder, split_files
 from helpers.runs import run_cli, tiny_run
 
@@ -33,12 +32,7 @@ HEADLINE = ("acc", "balanced_acc", "f1", "auroc", "sensitivity", "specificity", 
 
 def entry_cfg(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """conf/<name>.yaml composed with `overrides`, its output_dir (eval, export) set to `output_dir`."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.output_dir = str(output_dir)
-    return cfg
+    return task_cfg(name, overrides, **({"output_dir": str(output_dir)} if output_dir is not None else {}))
 
 
 @pytest.fixture(scope="module")

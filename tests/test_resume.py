@@ -24,7 +24,7 @@ from helpers.images import make_image_folder
 from helpers.runs import subprocess_env
 
 # Dropout and augmentation on: a resumed run must also repeat their random draws.
-ARGS = [*TINY, "trainer.max_epochs=3", "model.drop_rate=0.2", "data.augment=true", "print_config=false"]
+ARGS = [*TINY, "trainer.max_epochs=3", "model.drop_rate=0.2", "augment=light", "print_config=false"]
 
 
 def train_py(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:

@@ -203,7 +203,7 @@ def test_yaml_defaults_mirror_schema_and_constructors():
     import inspect
     from dataclasses import fields
 
-    from densenet_se.config import DataConfig, ModelConfig, OptimConfig
+    from densenet_se.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig
     from densenet_se.data import ImageFolderDataModule
     from densenet_se.models import DenseNetSE
     from densenet_se.models.densenet import MODEL_KEYS
@@ -213,6 +213,7 @@ def test_yaml_defaults_mirror_schema_and_constructors():
         ("data/imagefolder", DataConfig),
         ("model/densenet121_se", ModelConfig),
         ("optim/adam", OptimConfig),
+        ("augment/none", AugmentConfig),
     ):
         node = OmegaConf.load(CONF / f"{yaml_name}.yaml")
         default = OmegaConf.structured(schema)

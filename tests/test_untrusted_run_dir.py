@@ -86,10 +86,13 @@ def test_the_allow_list_is_what_conf_ships():
         "lightning.pytorch.callbacks.ModelSummary",
         "lightning.pytorch.callbacks.LearningRateMonitor",
         "lightning.pytorch.callbacks.EarlyStopping",
+        "densenet_se.ema.EMAWeights",
     }
     assert set(allowed["logger"]) == {
         "lightning.pytorch.loggers.TensorBoardLogger",
         "lightning.pytorch.loggers.CSVLogger",
+        "densenet_se.trackers.mlflow_logger",
+        "densenet_se.trackers.wandb_logger",
     }
     assert allowed["callbacks"]["lightning.pytorch.callbacks.ModelCheckpoint"] == {"dirpath"}
     assert allowed["logger"]["lightning.pytorch.loggers.CSVLogger"] == {"save_dir"}

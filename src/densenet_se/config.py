@@ -31,7 +31,8 @@ class DataConfig:
     num_workers: int = 0
     cache: str = "memory"
     cache_dir: str | None = None
-    augment: bool = False
+    # Replaced by the augment group: null; false means augment=none; true is refused (use augment=light).
+    augment: bool | None = None
     on_bad_file: str = "skip"
     demo: bool = False
     pin_memory: bool = False
@@ -70,6 +71,50 @@ class OptimConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     class_weights: Any | None = None
+    # Fine-tuning (densenet_se.finetune): epochs with the backbone frozen, and the backbone's share of optim.lr.
+    freeze_epochs: int = 0
+    backbone_lr_mult: float = 1.0
+
+
+@dataclass
+class AugmentConfig:
+    """augment=none|light|strong|custom (conf/augment/): the training augmentation (densenet_se.data.augment)."""
+
+    policy: str = "none"
+    crop_scale_min: float = 1.0
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rotation: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    auto: str = "none"
+    magnitude: int = 9
+    num_ops: int = 2
+    magnitude_bins: int = 31
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+
+
+@dataclass
+class EmaConfig:
+    """The weight average of callbacks=ema (densenet_se.ema)."""
+
+    decay: float = 0.999
+    warmup: bool = True
+
+
+@dataclass
+class TuneConfig:
+    """tune.lr_find=true: Lightning's learning-rate range test before training (densenet_se.tune)."""
+
+    lr_find: bool = False
+    apply: bool = False
+    min_lr: float = 1e-6
+    max_lr: float = 1.0
+    num_training: int = 100
 
 
 @dataclass
@@ -85,6 +130,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
@@ -234,17 +282,33 @@ _RULES: dict[str, Rule] = {
 
 def rules() -> dict[str, Rule]:
     """Every checked key of the train config (`data.image_size`, ...) and its allowed values, each read from the
-    code that uses the value (the data module, ...) except the run's own and the trainer's."""
+    code that uses the value (the data module, the recipes, ...) except the run's own and the trainer's."""
     # Imported here: they need torch and Lightning, and a config error is reported before those load.
+    from densenet_se import ema, finetune, tune
+    from densenet_se.data import augment, mixing
     from densenet_se.data.datamodule import ALLOWED as DATA
     from densenet_se.models.densenet import ALLOWED as MODEL
     from densenet_se.module import ALLOWED as OPTIM
 
-    owners = {"data": DATA, "model": MODEL, "optim": OPTIM}
-    return {
-        **{f"{group}.{k}": rule for group, table in owners.items() for k, rule in table.items()},
-        **_RULES,
-    }
+    owners = [
+        ("data", DATA),
+        ("model", MODEL),
+        ("optim", OPTIM),
+        ("optim", finetune.ALLOWED),
+        ("augment", augment.ALLOWED),
+        ("augment", mixing.ALLOWED),
+        ("ema", ema.ALLOWED),
+        ("tune", tune.ALLOWED),
+    ]
+    return {**{f"{group}.{k}": rule for group, table in owners for k, rule in table.items()}, **_RULES}
+
+
+def _cross_checks() -> list[Any]:
+    """The checks across keys that live beside the code using them (recipes: augment, tune, fine-tuning)."""
+    from densenet_se import finetune, tune
+    from densenet_se.data import augment
+
+    return [augment.check, tune.check, finetune.check]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -259,6 +323,8 @@ def validate(cfg: DictConfig) -> None:
 
     check_fractions(cfg.data.val_fraction, cfg.data.test_fraction)
     check_folds(cfg.data.folds, cfg.data.fold)
+    for cross_check in _cross_checks():
+        cross_check(cfg)
     weights = cfg.optim.class_weights
     if weights is not None and weights != "balanced":
         if not OmegaConf.is_list(weights) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):

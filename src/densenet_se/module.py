@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection, MinMetric
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError
+from densenet_se.finetune import param_groups, set_backbone_frozen
 from densenet_se.metrics import BEST, MONITOR, best_sign, logged
 from densenet_se.models import DenseNetSE
 from densenet_se.models.densenet import MODEL_KEYS, check_feature_bytes, check_layout
+from densenet_se.soft_targets import soft_cross_entropy, target_share
 
-# optim.optimizer -> the optimiser over `params` with the module's hyperparameters `hp`.
-OPTIMIZERS: dict[str, Callable[[Iterator[nn.Parameter], Any], torch.optim.Optimizer]] = {
+# optim.optimizer -> the optimiser over `params` (parameters or param groups) with the module's hyperparameters.
+OPTIMIZERS: dict[str, Callable[[Any, Any], torch.optim.Optimizer]] = {
     "adam": lambda params, hp: torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay),
     "adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay),
     "sgd": lambda params, hp: torch.optim.SGD(
@@ -85,6 +87,8 @@ class DenseNetSEClassifier(L.LightningModule):
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
+        freeze_epochs: int = 0,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         # Plain values only (lists, not tuples or OmegaConf nodes): checkpoints must load with weights_only=True.
@@ -115,6 +119,8 @@ class DenseNetSEClassifier(L.LightningModule):
                 "warmup_epochs": int(warmup_epochs),
                 "label_smoothing": float(label_smoothing),
                 "class_weights": [float(w) for w in class_weights] if class_weights is not None else None,
+                "freeze_epochs": int(freeze_epochs),
+                "backbone_lr_mult": float(backbone_lr_mult),
             }
         )
         hp = self.hparams
@@ -140,6 +146,8 @@ class DenseNetSEClassifier(L.LightningModule):
             return MetricCollection({m.name: m.build(num_classes) for m in logged(stage, scored=True)})
 
         self.train_metrics = metrics("train")
+        # train/acc under MixUp/CutMix (soft targets): the mean share of the target on the predicted class.
+        self.train_soft_acc = MeanMetric()
         self.val_metrics = metrics("val")
         self.test_metrics = metrics("test")
         self.val_confmat = MulticlassConfusionMatrix(num_classes)
@@ -159,6 +167,8 @@ class DenseNetSEClassifier(L.LightningModule):
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         weight = self.class_weight.to(logits.dtype) if self.class_weight is not None else None
+        if y.dim() == 2:  # soft targets from MixUp/CutMix
+            return soft_cross_entropy(logits, y, weight, self.hparams.label_smoothing)
         return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.hparams.label_smoothing)
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -181,12 +191,20 @@ class DenseNetSEClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_acc_best = checkpoint.get("val_acc_best")
 
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.freeze_epochs:
+            set_backbone_frozen(self.model, self.current_epoch < self.hparams.freeze_epochs)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        self.train_metrics.update(logits.detach(), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        if y.dim() == 2:  # MixUp/CutMix soft targets: accuracy is the target's share on the predicted class
+            self.train_soft_acc.update(target_share(logits.detach(), y))
+            self.log("train/acc", self.train_soft_acc, on_step=False, on_epoch=True, prog_bar=True)
+            return loss
+        self.train_metrics.update(logits.detach(), y)
         for name, metric in self.train_metrics.items():
             self.log(f"train/{name}", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -251,7 +269,8 @@ class DenseNetSEClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = OPTIMIZERS[hp.optimizer](self.parameters(), hp)
+        params = param_groups(self.model, hp.lr, hp.backbone_lr_mult)
+        opt = OPTIMIZERS[hp.optimizer](params, hp)
         scheduler = self._scheduler(opt)
         if scheduler is None:
             return opt

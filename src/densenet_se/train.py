@@ -24,6 +24,8 @@ from densenet_se.paths import check_outside
 from densenet_se.resume import ResumeSession, prepare_resume
 from densenet_se.rundir import CheckpointPaths, hold_run_dir
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
+from densenet_se.trackers import finish as finish_trackers
+from densenet_se.trackers import log_config
 
 log = logging.getLogger("densenet_se")
 
@@ -42,8 +44,12 @@ def route_lightning_logs() -> None:
 
 
 def build_datamodule(cfg: DictConfig, output_dir: str | Path | None) -> ImageFolderDataModule:
-    """The data module from `cfg.data` (plain keyword arguments), writing its reports to `output_dir`."""
-    return ImageFolderDataModule(**plain(cfg.data), output_dir=str(output_dir) if output_dir else None)
+    """The data module from `cfg.data` and `cfg.augment` (plain values), writing its reports to `output_dir`."""
+    return ImageFolderDataModule(
+        **plain(cfg.data),
+        output_dir=str(output_dir) if output_dir else None,
+        augmentation=plain(cfg.get("augment")),
+    )
 
 
 def class_weights(cfg: DictConfig, datamodule: ImageFolderDataModule) -> list[float] | None:
@@ -111,9 +117,30 @@ def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
         }
         # How the split was made (k-fold, grouped): .get, as a resumed run's saved config may predate them.
         | {k: plain(cfg.data.get(k)) for k in ("folds", "fold", "group_pattern", "groups")},
+        "augment": plain(cfg.get("augment")),
+        **({"ema": plain(cfg.ema)} if OmegaConf.select(cfg, "callbacks.ema") else {}),
         "seed": cfg.seed,
         "max_epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
     }
+
+
+def tune_learning_rate(
+    cfg: DictConfig,
+    module: DenseNetSEClassifier,
+    datamodule: ImageFolderDataModule,
+    run_dir: Path,
+    resuming: bool,
+) -> None:
+    """tune.lr_find=true: the range test on a new run; a resumed run keeps the rate its first session chose."""
+    from densenet_se import tune
+
+    if not resuming:
+        tune.find_lr(cfg, module, datamodule, run_dir)
+        return
+    lr = tune.resumed_lr(run_dir)
+    if lr is not None:
+        tune.apply_lr(cfg, module, lr)
+    log.info("lr_find ran when this run started (%s); the resumed optimizer keeps its rate", tune.RESULT_FILE)
 
 
 def check_accelerator(kwargs: dict[str, Any]) -> None:
@@ -213,9 +240,12 @@ def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> flo
         session.check_split(datamodule)
         log.info("resuming %s after epoch %d from %s", run_dir, session.epoch, session.checkpoint)
     module = build_module(cfg, datamodule)
+    if OmegaConf.select(cfg, "tune.lr_find"):
+        tune_learning_rate(cfg, module, datamodule, run_dir, resuming=session is not None)
     # extra: the split's leakage statement (grouped_split, groups, folds, fold) in every metrics.json write.
     report = RunReport(run_dir, hparams=hparams_for_logging(cfg), extra=datamodule.split_report)
     trainer = build_trainer(cfg, run_dir, report)
+    log_config(trainer.loggers, report.hparams)
     check_multirun_launch(trainer)  # Lightning's DDP re-launch cannot run inside a sweep
 
     ckpt_path = str(session.checkpoint) if session else None
@@ -238,6 +268,7 @@ def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> flo
         if with_intervals and report.test is not None:
             report.test.update(with_intervals)
         report.write_metrics(trainer)
+    finish_trackers(trainer.loggers)
     best = report.best()
     if best is not None:
         log.info(

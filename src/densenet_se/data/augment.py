@@ -1,29 +1,173 @@
-"""Training augmentation applied to whole batches on the device, with fresh random parameters per image."""
+"""Training augmentation policies (`augment=none|light|strong|custom`) run on whole batches on their device.
+
+The uint8 batches come from the decode-once cache (or the GPU copy of it); here each image of a batch gets its
+own random torchvision.transforms.v2 draw (v2 called on a whole batch would give every image the same crop,
+flip and rotation), then the batch is normalised and, with MixUp/CutMix on, mixed (densenet_se.data.mixing).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
+
+from densenet_se.checks import Range, Rule
+from densenet_se.data.images import standardize
+from densenet_se.data.mixing import MIX_KEYS, batch_mix
+from densenet_se.errors import UserError
+
+POLICIES = ("none", "light", "strong", "custom")
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
-def build_augmentation(rotation_degrees: float = 15.0, jitter: float = 0.1) -> nn.Module:
-    """Per-sample random flips, a small rotation and mild brightness/contrast/saturation jitter.
+def _probability(v: float) -> bool:
+    return 0.0 <= v <= 1.0
 
-    Works on float images in 0..1 of shape [N,3,H,W]. No hue jitter: lesion colour carries the diagnosis.
-    """
-    # kornia is imported here because its import takes a second or two, paid only when augmenting.
-    import kornia.augmentation as K
 
-    return nn.Sequential(
-        K.RandomHorizontalFlip(p=0.5),
-        K.RandomVerticalFlip(p=0.5),
-        # reflection padding: rotated corners continue the skin instead of turning black
-        K.RandomAffine(degrees=rotation_degrees, padding_mode="reflection", p=1.0),
-        K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=0.0, p=1.0),
+ALLOWED: dict[str, Rule] = {
+    "policy": POLICIES,
+    "auto": AUTO_AUGMENTS,
+    "crop_scale_min": Range(lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (1: no random crop)"),
+    "hflip": Range(_probability, "a probability in [0, 1]"),
+    "vflip": Range(_probability, "a probability in [0, 1]"),
+    "rotation": Range(lambda v: 0.0 <= v <= 180.0, "a number of degrees in [0, 180]"),
+    "brightness": Range(_probability, "a number in [0, 1]"),
+    "contrast": Range(_probability, "a number in [0, 1]"),
+    "saturation": Range(_probability, "a number in [0, 1]"),
+    "hue": Range(lambda v: 0.0 <= v <= 0.5, "a number in [0, 0.5]"),
+    "magnitude": Range(lambda v: v >= 0, "an integer >= 0 (and below augment.magnitude_bins)"),
+    "num_ops": Range(lambda v: v >= 1, "an integer >= 1"),
+    "magnitude_bins": Range(lambda v: v >= 2, "an integer >= 2"),
+}
+
+# The keys of the augment group that shape single images (the rest, mixing, is densenet_se.data.mixing).
+IMAGE_KEYS = (
+    "crop_scale_min",
+    "hflip",
+    "vflip",
+    "rotation",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "auto",
+    "magnitude",
+    "num_ops",
+    "magnitude_bins",
+)
+
+
+def check_legacy_augment(augment: bool | None, policy: str, resume: str | None = None) -> None:
+    """`data.augment`, the retired on/off switch: null or false (with augment=none) pass, true is refused."""
+    if augment is True:
+        if resume:
+            raise UserError(
+                f"resume={resume}: this run was trained with data.augment=true, which this version replaced "
+                "by augment=light, so it cannot continue exactly; start a new run with augment=light."
+            )
+        raise UserError(
+            "data.augment=true is replaced by the augment group: use augment=light (flips, a small rotation "
+            "and colour jitter; add augment.vflip=0.5 for vertical flips) and drop data.augment."
+        )
+    if augment is False and policy != "none":
+        raise UserError(
+            f"data.augment=false contradicts augment={policy}; drop data.augment (the augment group alone "
+            "chooses the training augmentation)."
+        )
+
+
+def check(cfg: DictConfig) -> None:
+    """Cross-key checks: the retired `data.augment` switch and the RandAugment magnitude."""
+    check_legacy_augment(
+        OmegaConf.select(cfg, "data.augment"),
+        OmegaConf.select(cfg, "augment.policy", default="none"),
+        OmegaConf.select(cfg, "resume"),
     )
+    magnitude, bins = (
+        OmegaConf.select(cfg, "augment.magnitude"),
+        OmegaConf.select(cfg, "augment.magnitude_bins"),
+    )
+    if magnitude is not None and bins is not None and magnitude >= bins:
+        raise UserError(
+            f"augment.magnitude={magnitude} must be below augment.magnitude_bins={bins} "
+            "(RandAugment's strongest setting is magnitude_bins - 1)."
+        )
+
+
+def image_transform(
+    image_size: int,
+    crop_scale_min: float = 1.0,
+    hflip: float = 0.0,
+    vflip: float = 0.0,
+    rotation: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
+    hue: float = 0.0,
+    auto: str = "none",
+    magnitude: int = 9,
+    num_ops: int = 2,
+    magnitude_bins: int = 31,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A v2 transform of one float image in 0..1 [3,S,S] (random per call), or None when it would change nothing.
+
+    Order as in timm: random resized crop, flips, rotation, colour jitter, then RandAugment/TrivialAugment.
+    """
+    from torchvision.transforms import v2  # imported here: only training with augmentation needs it
+
+    bilinear = v2.InterpolationMode.BILINEAR
+    ops: list[Callable] = []
+    if crop_scale_min < 1.0:
+        ops.append(v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True))
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(hflip))
+    if vflip > 0:
+        ops.append(v2.RandomVerticalFlip(vflip))
+    if rotation > 0:
+        # Reflection padding first, so the rotated corners continue the image (v2 only fills a constant).
+        worst = math.radians(min(rotation, 45.0))
+        pad = math.ceil(image_size * (math.cos(worst) + math.sin(worst) - 1.0) / 2.0) + 1
+        ops += [
+            v2.Pad(pad, padding_mode="reflect"),
+            v2.RandomRotation(rotation, interpolation=bilinear),
+            v2.CenterCrop(image_size),
+        ]
+    if brightness or contrast or saturation or hue:
+        ops.append(v2.ColorJitter(brightness, contrast, saturation, hue))
+    if auto == "randaugment":
+        ops.append(v2.RandAugment(num_ops, magnitude, magnitude_bins, interpolation=bilinear))
+    elif auto == "trivialaugment":
+        ops.append(v2.TrivialAugmentWide(magnitude_bins, interpolation=bilinear))
+    return v2.Compose(ops) if ops else None
 
 
 @torch.no_grad()
-def augment_batch(augmentation: nn.Module, unit_images: torch.Tensor) -> torch.Tensor:
-    """Apply `augmentation` to float images in 0..1, keeping them in 0..1."""
-    return augmentation(unit_images).clamp_(0.0, 1.0)
+def augment_images(
+    transform: Callable[[torch.Tensor], torch.Tensor], unit_images: torch.Tensor
+) -> torch.Tensor:
+    """`transform` applied to each float image in 0..1 of [N,3,S,S] with its own random draw, kept in 0..1."""
+    return torch.stack([transform(image) for image in unit_images]).clamp_(0.0, 1.0)
+
+
+class TrainBatchTransform:
+    """uint8 training batches to augmented, normalised float32 (and soft targets when mixing) on their device."""
+
+    def __init__(self, settings: Mapping[str, Any], image_size: int, num_classes: int) -> None:
+        self.images = image_transform(image_size, **{k: settings[k] for k in IMAGE_KEYS if k in settings})
+        self.mix = batch_mix(num_classes, **{k: settings[k] for k in MIX_KEYS if k in settings})
+
+    @property
+    def is_identity(self) -> bool:
+        return self.images is None and self.mix is None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = images.float().div_(255.0)
+        if self.images is not None:
+            unit = augment_images(self.images, unit)
+        batch = standardize(unit)
+        if self.mix is not None:
+            return self.mix(batch, labels)
+        return batch, labels

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,7 +18,7 @@ from densenet_se.checks import Range, Rule, at_least, check
 from densenet_se.data import cache as cache_lib
 from densenet_se.data import diskcache
 from densenet_se.data import split as split_lib
-from densenet_se.data.augment import augment_batch, build_augmentation
+from densenet_se.data.augment import TrainBatchTransform, check_legacy_augment
 from densenet_se.data.digests import DIGEST_NAME, file_digests
 from densenet_se.data.groups import (
     csv_groups_for,
@@ -32,7 +33,6 @@ from densenet_se.data.images import (
     MIN_IMAGE_SIZE,
     normalize,
     scan_image_folder,
-    standardize,
 )
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
 from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
@@ -79,7 +79,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache: str = "memory",
         cache_dir: str | None = None,
-        augment: bool = False,
+        augment: bool | None = None,
         on_bad_file: str = "skip",
         demo: bool = False,
         output_dir: str | None = None,
@@ -91,7 +91,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         fold: int = 0,
         group_pattern: str | None = None,
         groups: str | None = None,
+        augmentation: Mapping[str, Any] | None = None,
     ) -> None:
+        """`augmentation`: the augment.* settings (densenet_se.data.augment); `augment` is the retired switch."""
         super().__init__()
         settings = dict(
             cache=cache,
@@ -106,6 +108,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             fold=fold,
         )
         check(settings, ALLOWED, "data.")
+        check_legacy_augment(augment, (augmentation or {}).get("policy", "none"))
         check_fractions(float(val_fraction), float(test_fraction))
         check_folds(int(folds), int(fold))
         if group_pattern and groups:
@@ -125,12 +128,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             float(test_fraction),
             int(split_seed),
         )
-        self.num_workers, self.cache, self.augment, self.on_bad_file = (
-            int(num_workers),
-            cache,
-            bool(augment),
-            on_bad_file,
-        )
+        self.num_workers, self.cache, self.on_bad_file = int(num_workers), cache, on_bad_file
+        self.augmentation = dict(augmentation or {})
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_lib.default_cache_dir()
         self.demo = bool(demo)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -154,7 +153,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._images: torch.Tensor | None = None
         self._indices: dict[str, list[int]] = {}
         self._on_device: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
-        self._augmentation: torch.nn.Module | None = None
+        self._train_transform: TrainBatchTransform | None = None
 
     # ---- preparing -------------------------------------------------------------------------------
     def _is_global_zero(self) -> bool:
@@ -479,17 +478,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         return images, labels[good], [paths[i] for i in good]  # a file unreadable since setup is left out
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 images to normalised float32 on the device; augmented while training if data.augment."""
+        """uint8 images to normalised float32 on the device; while training, augmented (and mixed) as set."""
         if isinstance(batch, torch.Tensor):
             # A bare image tensor (the model summary's example input, predict batches): float passes through.
             return batch if batch.is_floating_point() else normalize(batch)
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        if self.augment and training:
-            if self._augmentation is None:
-                self._augmentation = build_augmentation()
-            unit = augment_batch(self._augmentation, images.float().div_(255.0))
-            return standardize(unit), labels
+        if training and self.augmentation:
+            if self._train_transform is None:
+                self._train_transform = TrainBatchTransform(
+                    self.augmentation, self.image_size, self.num_classes
+                )
+            if not self._train_transform.is_identity:
+                return self._train_transform(images, labels)
         return normalize(images), labels
 
     def teardown(self, stage: str | None = None) -> None:

@@ -451,6 +451,13 @@ MODEL_KEYS = tuple(
 
 # Keys that are ours, not torchvision's backbone: they may be absent from (or differ in) a file.
 _HEAD_KEY = re.compile(r"^(classifier|se|features\.se\d+)\.")
+
+
+def is_head_key(key: str) -> bool:
+    """True for the state-dict keys of the head (SE modules and classifier), False for the torchvision backbone."""
+    return _HEAD_KEY.match(key) is not None
+
+
 # Releases of torchvision before 0.3 named layer parts "norm.1", "conv.2", ...; their files (torchvision's
 # own ImageNet DenseNet-121 included) still carry those keys.
 _OLD_LAYER_KEY = re.compile(
