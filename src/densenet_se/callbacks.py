@@ -105,11 +105,10 @@ class RunReport(L.Callback):
             return
         self.confmats[trainer.current_epoch] = matrix
         tb = tensorboard_logger(trainer)
-        if tb is not None:
-            fig = plots.confusion_matrix_figure(
-                matrix, self.class_names, f"validation, epoch {trainer.current_epoch + 1}"
-            )
-            tb.experiment.add_image("val/confusion_matrix", plots.figure_to_array(fig), trainer.current_epoch)
+        if tb is not None:  # a Pillow drawing of a few milliseconds, so every epoch gets one
+            title = f"validation, epoch {trainer.current_epoch + 1}"
+            image = plots.confusion_matrix_image(matrix, self.class_names, title)
+            tb.experiment.add_image("val/confusion_matrix", image, trainer.current_epoch, dataformats="HWC")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - (self._epoch_start or time.perf_counter())
@@ -142,13 +141,12 @@ class RunReport(L.Callback):
             return
         self.write_metrics(trainer)
         if self.epochs:
-            plots.save_figure(plots.curves_figure(self.epochs), self.run_dir / "curves.png")
+            plots.save_png(plots.curves_image(self.epochs), self.run_dir / "curves.png")
         best = self.best()
         if best is not None and best["epoch"] in self.confmats:
-            fig = plots.confusion_matrix_figure(
-                self.confmats[best["epoch"]], self.class_names, f"validation, best epoch {best['epoch'] + 1}"
-            )
-            plots.save_figure(fig, self.run_dir / "confusion_matrix.png")
+            title = f"validation, best epoch {best['epoch'] + 1}"
+            image = plots.confusion_matrix_image(self.confmats[best["epoch"]], self.class_names, title)
+            plots.save_png(image, self.run_dir / "confusion_matrix.png")
 
     # ------------------------------------------------------------------------------------------------ reports
     def best(self) -> dict[str, Any] | None:
@@ -192,14 +190,12 @@ class RunReport(L.Callback):
         labels = labels[: self.num_samples]
         if images.dtype != torch.uint8:  # a data module that yields float tensors in [0, 1]
             images = (images.clamp(0, 1) * 255).to(torch.uint8)
-        array = images.cpu().numpy()
-        # Drawn once: the same PNG goes to samples.png and to TensorBoard.
-        png = plots.save_figure(
-            plots.sample_grid_figure(array, labels.tolist(), self.class_names), self.run_dir / "samples.png"
-        )
+        # Drawn once: the same picture goes to samples.png and to TensorBoard.
+        grid = plots.sample_grid(images.cpu().numpy(), labels.tolist(), self.class_names)
+        plots.save_png(grid, self.run_dir / "samples.png")
         tb = tensorboard_logger(trainer)
         if tb is not None:
-            tb.experiment.add_image("samples", plots.png_to_array(png), 0)
+            tb.experiment.add_image("samples", grid, 0, dataformats="HWC")
 
     def _write_hparams(self, trainer: L.Trainer) -> None:
         tb = tensorboard_logger(trainer)

@@ -323,8 +323,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from densenet_se import plots
 
     title = f"{cfg.split}, {Path(cfg.ckpt_path).name}"
-    plots.save_figure(
-        plots.confusion_matrix_figure(metrics["confusion_matrix"], class_names, title),
+    plots.save_png(
+        plots.confusion_matrix_image(metrics["confusion_matrix"], class_names, title),
         out_dir / "confusion_matrix.png",
     )
     logged = logged_val_acc(run_dir, ckpt) if cfg.split == "val" else None

@@ -1,0 +1,179 @@
+"""Shared pieces of the benchmark scripts: the compute floor, epoch-by-epoch interleaving, a hook profile.
+
+Not a benchmark itself. The scripts in this folder import it (their folder is on sys.path when run as
+scripts; the tests load them with the folder added).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {"tiny": "densenet_tiny_se", "121": "densenet121_se"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def describe(values: list[float]) -> tuple[float, float]:
+    """(median, min) of the epochs after the warm-up one (all of them when there are fewer than 3)."""
+    counted = values[1:] if len(values) >= 3 else values
+    return statistics.median(counted), min(counted)
+
+
+def compose(overrides: list[str], work: Path):
+    """conf/train.yaml composed with `overrides`, paths under `work` (run dir: work/run)."""
+    from densenet_se.config import compose_train_config
+
+    return compose_train_config(overrides, work, ROOT / "conf")
+
+
+class ComputeFloor:
+    """The same network's training and evaluation steps on batches already normalised in memory, nothing else.
+
+    No framework, no data loading, no host reads, no metrics: what any pipeline needs at the least for this
+    model. Each evaluation step computes the loss, as validation does.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, train: Iterable, val: Iterable) -> None:
+        import copy
+
+        from densenet_se.data.images import normalize
+
+        self.device = device
+        self.model = copy.deepcopy(model).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+
+        def batches(loader: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [(normalize(x.to(device)), y.to(device)) for x, y in loader]
+
+        self.train = batches(train)
+        self.val = batches(val)
+
+    def epoch(self) -> float:
+        start = time.perf_counter()
+        self.model.train()
+        for images, labels in self.train:
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(self.model(images), labels).backward()
+            self.optimizer.step()
+        self.model.eval()
+        with torch.inference_mode():
+            for images, labels in self.val:
+                torch.nn.functional.cross_entropy(self.model(images), labels)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def interleaver(loops: dict, device: torch.device, between: Callable[[], None] | None = None):
+    """A callback that runs one epoch of each other loop between two project epochs and times them all.
+
+    `between` runs untimed after a project epoch ends and before the other loops run (e.g. to let the
+    project's background checkpoint writes finish, so they never slow the other loops down).
+    """
+    import lightning as L
+
+    class Interleave(L.Callback):
+        def __init__(self) -> None:
+            self.project: list[float] = []
+            self.others: dict[str, list[float]] = {name: [] for name in loops}
+            self.mark: float | None = None
+            self.fit_start = time.perf_counter()
+            self.first_epoch_start: float | None = None
+            self.end: float | None = None
+            self.stop_after: int | None = None  # project epochs to interleave (None: all)
+
+        def _close_project_epoch(self) -> None:
+            sync(device)
+            now = time.perf_counter()
+            if self.mark is not None:
+                self.project.append(now - self.mark)
+            else:
+                self.first_epoch_start = now
+            self.mark = None
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if self.stop_after is not None and len(self.project) >= self.stop_after:
+                if self.mark is not None:
+                    self._close_project_epoch()
+                return
+            self._close_project_epoch()
+            if between is not None:
+                between()
+            rng = torch.get_rng_state()  # the project's own seeding stays as it would be without us
+            with torch.enable_grad(), torch.inference_mode(False):
+                for name, loop in loops.items():
+                    self.others[name].append(loop.epoch())
+            torch.set_rng_state(rng)
+            self.mark = time.perf_counter()
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if self.mark is not None:
+                self._close_project_epoch()
+            self.end = time.perf_counter()
+
+    return Interleave()
+
+
+class HookProfile:
+    """Seconds per Lightning action (callback hooks, loop steps, module hooks), switched on for some epochs.
+
+    Lightning reports every hook it calls to `trainer.profiler`; this swaps a SimpleProfiler in at the start
+    of a profiled epoch and the default no-op one back afterwards, so timed epochs run exactly as usual.
+    """
+
+    def __init__(self) -> None:
+        self.durations: dict[str, list[float]] = defaultdict(list)
+        self.epochs = 0
+
+    def start(self, trainer) -> None:
+        from lightning.pytorch.profilers import SimpleProfiler
+
+        trainer.profiler = SimpleProfiler()
+        self.epochs += 1
+
+    def stop(self, trainer) -> None:
+        from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+
+        if isinstance(trainer.profiler, SimpleProfiler):
+            for action, seconds in trainer.profiler.recorded_durations.items():
+                self.durations[action].extend(seconds)
+        trainer.profiler = PassThroughProfiler()
+
+    def rows(self, top: int = 18) -> list[tuple[str, float, int]]:
+        """(action, seconds per epoch, calls per epoch), largest first; step-level actions included."""
+        n = max(self.epochs, 1)
+        rows = [(short_action(a), sum(s) / n, round(len(s) / n)) for a, s in self.durations.items()]
+        return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def short_action(action: str) -> str:
+    """`[Callback]ModelCheckpoint{'monitor': 'val/acc', ...}.on_validation_end` -> shorter, still unique."""
+    if "{" in action and "}" in action:
+        head, rest = action.split("{", 1)
+        state, tail = rest.rsplit("}", 1)
+        if head.endswith("ModelCheckpoint"):
+            monitor = "monitor=val/acc" if "val/acc" in state else "last"
+            return f"{head}({monitor}){tail}"
+        return f"{head}{tail}"
+    return action
+
+
+def print_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
