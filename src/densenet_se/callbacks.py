@@ -38,6 +38,14 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
     return None
 
 
+def add_png(tb: TensorBoardLogger, tag: str, png: bytes, shape: tuple[int, ...], step: int) -> None:
+    """Log PNG bytes of an RGB image (`shape`: H, W, 3) as a TensorBoard image, without encoding it again."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    picture = Summary.Image(height=shape[0], width=shape[1], colorspace=3, encoded_image_string=png)
+    tb.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+
+
 class RunReport(L.Callback):
     """Keeps the per-epoch history (saved in checkpoints, so resume continues it) and writes the run's reports.
 
@@ -108,7 +116,7 @@ class RunReport(L.Callback):
         if tb is not None:  # a Pillow drawing of a few milliseconds, so every epoch gets one
             title = f"validation, epoch {trainer.current_epoch + 1}"
             image = plots.confusion_matrix_image(matrix, self.class_names, title)
-            tb.experiment.add_image("val/confusion_matrix", image, trainer.current_epoch, dataformats="HWC")
+            add_png(tb, "val/confusion_matrix", plots.png_bytes(image), image.shape, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - (self._epoch_start or time.perf_counter())
@@ -190,12 +198,12 @@ class RunReport(L.Callback):
         labels = labels[: self.num_samples]
         if images.dtype != torch.uint8:  # a data module that yields float tensors in [0, 1]
             images = (images.clamp(0, 1) * 255).to(torch.uint8)
-        # Drawn once: the same picture goes to samples.png and to TensorBoard.
+        # Drawn and encoded once: the same PNG goes to samples.png and to TensorBoard.
         grid = plots.sample_grid(images.cpu().numpy(), labels.tolist(), self.class_names)
-        plots.save_png(grid, self.run_dir / "samples.png")
+        png = plots.save_png(grid, self.run_dir / "samples.png")
         tb = tensorboard_logger(trainer)
         if tb is not None:
-            tb.experiment.add_image("samples", grid, 0, dataformats="HWC")
+            add_png(tb, "samples", png, grid.shape, 0)
 
     def _write_hparams(self, trainer: L.Trainer) -> None:
         tb = tensorboard_logger(trainer)
