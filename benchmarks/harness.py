@@ -82,16 +82,21 @@ class ComputeFloor:
 def interleaver(loops: dict, device: torch.device, between: Callable[[], None] | None = None):
     """A callback that runs one epoch of each other loop between two project epochs and times them all.
 
-    `between` runs untimed after a project epoch ends and before the other loops run (e.g. to let the
-    project's background checkpoint writes finish, so they never slow the other loops down).
+    Wall seconds go to `project` and `others`, the process's CPU seconds to `project_cpu` and `others_cpu`
+    (every thread: on a busy machine CPU time shows the work done, wall time also the waiting). `between`
+    runs untimed after a project epoch ends and before the other loops run (e.g. to let the project's
+    background checkpoint writes finish, so they never slow the other loops down); the CPU it uses is the
+    project's.
     """
     import lightning as L
 
     class Interleave(L.Callback):
         def __init__(self) -> None:
             self.project: list[float] = []
+            self.project_cpu: list[float] = []
             self.others: dict[str, list[float]] = {name: [] for name in loops}
-            self.mark: float | None = None
+            self.others_cpu: dict[str, list[float]] = {name: [] for name in loops}
+            self.mark: tuple[float, float] | None = None
             self.fit_start = time.perf_counter()
             self.first_epoch_start: float | None = None
             self.end: float | None = None
@@ -100,10 +105,14 @@ def interleaver(loops: dict, device: torch.device, between: Callable[[], None] |
         def _close_project_epoch(self) -> None:
             sync(device)
             now = time.perf_counter()
-            if self.mark is not None:
-                self.project.append(now - self.mark)
-            else:
+            if self.mark is None:
                 self.first_epoch_start = now
+            else:
+                self.project.append(now - self.mark[0])
+            if between is not None:
+                between()
+            if self.mark is not None:
+                self.project_cpu.append(time.process_time() - self.mark[1])
             self.mark = None
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -112,14 +121,14 @@ def interleaver(loops: dict, device: torch.device, between: Callable[[], None] |
                     self._close_project_epoch()
                 return
             self._close_project_epoch()
-            if between is not None:
-                between()
             rng = torch.get_rng_state()  # the project's own seeding stays as it would be without us
             with torch.enable_grad(), torch.inference_mode(False):
                 for name, loop in loops.items():
+                    cpu = time.process_time()
                     self.others[name].append(loop.epoch())
+                    self.others_cpu[name].append(time.process_time() - cpu)
             torch.set_rng_state(rng)
-            self.mark = time.perf_counter()
+            self.mark = (time.perf_counter(), time.process_time())
 
         def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             if self.mark is not None:
