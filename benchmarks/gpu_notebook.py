@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,32 +29,13 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, make_data  # noqa: E402
+
 TARGET_IMAGES_PER_S = 3000.0
 TARGET_EXPERIMENT_S = 60.0
-
-
-def make_data(root: Path, images: int, size: int, workers: int) -> Path:
-    """`images` demo JPEGs (half per class) at `size` px, made by `workers` processes with their own seeds."""
-    per_class = max(images // 2, 1)
-    parts = max(1, min(workers, per_class))
-    counts = [per_class // parts + (k < per_class % parts) for k in range(parts)]
-    from densenet_se.data.demo import make_demo_dataset
-
-    jobs = [(str(root.parent / f"part{k}"), n, size, k) for k, n in enumerate(counts)]
-    with ProcessPoolExecutor(parts) as pool:  # a library function, so the workers can unpickle it
-        for done in [pool.submit(make_demo_dataset, part, n, size, seed=k) for part, n, size, k in jobs]:
-            done.result()
-    for k, (part, *_) in enumerate(jobs):
-        for file in Path(part).glob("*/*.jpg"):
-            target = root / file.parent.name / f"p{k}_{file.name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            file.rename(target)
-        shutil.rmtree(part)
-    return root
 
 
 def compose(overrides: list[str], work: Path):

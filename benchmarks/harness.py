@@ -7,11 +7,13 @@ scripts; the tests load them with the folder added).
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,6 +42,26 @@ def compose(overrides: list[str], work: Path):
     from densenet_se.config import compose_train_config
 
     return compose_train_config(overrides, work, ROOT / "conf")
+
+
+def make_data(root: Path, images: int, size: int, workers: int) -> Path:
+    """`images` demo JPEGs (half per class) at `size` px, made by `workers` processes with their own seeds."""
+    per_class = max(images // 2, 1)
+    parts = max(1, min(workers, per_class))
+    counts = [per_class // parts + (k < per_class % parts) for k in range(parts)]
+    from densenet_se.data.demo import make_demo_dataset
+
+    jobs = [(str(root.parent / f"part{k}"), n, size, k) for k, n in enumerate(counts)]
+    with ProcessPoolExecutor(parts) as pool:  # a library function, so the workers can unpickle it
+        for done in [pool.submit(make_demo_dataset, part, n, size, seed=k) for part, n, size, k in jobs]:
+            done.result()
+    for k, (part, *_) in enumerate(jobs):
+        for file in Path(part).glob("*/*.jpg"):
+            target = root / file.parent.name / f"p{k}_{file.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            file.rename(target)
+        shutil.rmtree(part)
+    return root
 
 
 class ComputeFloor:

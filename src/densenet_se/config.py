@@ -128,6 +128,7 @@ class PredictConfig:
     # The run directory of this command (outputs/predict/<date>/<time>) unless given.
     output: str = "${hydra:runtime.output_dir}/predictions.csv"
     batch_size: int = 32
+    num_workers: int = 2
     device: str = "auto"
     gradcam: bool = False
     gradcam_dir: str | None = None

@@ -10,8 +10,7 @@ import csv
 import io
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,8 @@ from omegaconf import DictConfig
 
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device
 from densenet_se.config import PredictConfig  # noqa: F401  (schemas, registered in config)
-from densenet_se.data.images import (
-    IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BadImageError,
-    decode_image,
-    normalize,
-)
+from densenet_se.data.filebatches import decoded_batches
+from densenet_se.data.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, normalize
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 
@@ -87,37 +80,6 @@ def list_images(source: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def load_batch(
-    paths: Sequence[Path], image_size: int, max_image_pixels: int, pool: ThreadPoolExecutor
-) -> tuple[list[Path], torch.Tensor | None, list[tuple[Path, str]]]:
-    """(paths that loaded, their uint8 images [n,3,S,S] or None, [(path, reason)] for the ones that did not)."""
-
-    def one(path: Path) -> torch.Tensor | str:
-        # decode_image is what load_image wraps; its BadImageError carries the bare reason for the listing.
-        try:
-            return decode_image(path, image_size, max_image_pixels)
-        except BadImageError as err:
-            return str(err)
-        except OSError as err:  # gone since listing, permission denied
-            return f"unreadable: {err.strerror or err}"
-
-    good: list[Path] = []
-    images: list[torch.Tensor] = []
-    skipped: list[tuple[Path, str]] = []
-    for path, result in zip(paths, pool.map(one, paths), strict=True):
-        if isinstance(result, str):
-            skipped.append((path, result))
-        else:
-            good.append(path)
-            images.append(result)
-    return good, (torch.stack(images) if images else None), skipped
-
-
-def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def skipped_path(output: Path) -> Path:
     """Where the list of skipped files goes: predictions.csv -> predictions_skipped.txt."""
     return output.with_name(f"{output.stem}_skipped.txt")
@@ -151,23 +113,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[Path, str]] = []
-    with ThreadPoolExecutor(4) as pool:  # PIL releases the GIL while decoding
-        for chunk in _chunks(files, cfg.batch_size):
-            good, images, bad = load_batch(chunk, hp["image_size"], cfg.max_image_pixels, pool)
-            for path, reason in bad:
-                print(f"skipped {path}: {reason}", file=sys.stderr)
-            skipped.extend(bad)
-            if images is None:
-                continue
-            if cam is not None:
-                x = to_model_input(images.to(device), hp["mean"], hp["std"])
-                probs, maps = cam(x)
-                _save_overlays(good, maps, cam_dir, base, cfg.max_image_pixels)
-            else:
-                probs = probabilities(module, images, hp, cfg.batch_size, device)
-            for path, p in zip(good, probs.tolist(), strict=True):
-                best = max(range(len(p)), key=p.__getitem__)
-                rows.append({"path": str(path), "predicted": class_names[best], "probs": p})
+    # Worker processes decode the next batches while the model runs on this one.
+    batches = decoded_batches(files, hp["image_size"], cfg.max_image_pixels, cfg.batch_size, cfg.num_workers)
+    for batch in batches:
+        good, images, bad = batch.paths, batch.images, batch.skipped
+        for path, reason in bad:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        skipped.extend(bad)
+        if images is None:
+            continue
+        if cam is not None:
+            x = to_model_input(images.to(device), hp["mean"], hp["std"])
+            probs, maps = cam(x)
+            _save_overlays(good, maps, cam_dir, base, cfg.max_image_pixels)
+        else:
+            probs = probabilities(module, images, hp, cfg.batch_size, device)
+        for path, p in zip(good, probs.tolist(), strict=True):
+            best = max(range(len(p)), key=p.__getitem__)
+            rows.append({"path": str(path), "predicted": class_names[best], "probs": p})
 
     if cam is not None:
         cam.close()
