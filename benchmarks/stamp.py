@@ -16,8 +16,8 @@ def _stamp(name: str) -> None:
 
 
 def startup_stamp() -> Any:
-    """A callback printing `STAMP <name> <unix time> <process CPU seconds>` at fit start, after the sanity check, at the first
-    training step, at the end of training and at the end of fit."""
+    """A callback printing `STAMP <name> <unix time> <process CPU seconds>` at fit start, after the sanity check, at each
+    epoch's start, at the first training step, at the end of training and at the end of fit."""
     import lightning as L
 
     class StartupStamp(L.Callback):
@@ -26,6 +26,9 @@ def startup_stamp() -> Any:
 
         def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             _stamp("sanity_done")
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            _stamp(f"epoch_start_{trainer.current_epoch}")
 
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, idx) -> None:
             if trainer.global_step == 0 and idx == 0:
