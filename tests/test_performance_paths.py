@@ -260,8 +260,12 @@ def test_gpu_notebook_runs_its_throughput_part_on_cpu(capsys):
     assert match and float(match.group(1)) > 0, row  # "NOT met" on a CPU, of course
     fetch = next(line for line in lines if line.startswith("host time getting the next batch"))
     assert float(fetch.split()[-1]) > 0
-    loop = next(line for line in lines if line.startswith("notebook's own loop, 20 epochs, s (from 1 epochs)"))
-    assert float(loop.split()[-1]) > 0 and any(line.startswith("notebook loop epochs (s): ") for line in lines)
+    loop = next(
+        line for line in lines if line.startswith("notebook's own loop, 20 epochs, s (from 1 epochs)")
+    )
+    assert float(loop.split()[-1]) > 0 and any(
+        line.startswith("notebook loop epochs (s): ") for line in lines
+    )
     assert "experiment=notebook (growth_rate=4, block_config=[1, 1]" in lines[0]
 
 
