@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parent  # the checkout measured (--project changes it)
 sys.path.insert(0, str(HERE))  # stamp.py; not harness.py, which imports torch before a profile could start
 
 TARGET_ABOVE_FLOOR_S = 2.0
@@ -131,6 +131,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="measured runs of each (floor, train)")
     parser.add_argument("--cprofile", type=Path, help="also profile one run to its first step into FILE")
     parser.add_argument("--top", type=int, default=30, help="functions shown from the profile")
+    parser.add_argument(
+        "--project",
+        type=Path,
+        help="measure this checkout's train.py and src/ instead (e.g. main, for before/after)",
+    )
     parser.add_argument("--child-profile", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for the train runs")
     args = parser.parse_args(argv)
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child_profile is not None:
         return child_profile(args.child_profile, args.override)
+    global ROOT
+    ROOT = (args.project or ROOT).resolve()
     load_before = os.getloadavg()[0]
     floor: list[dict[str, float]] = []
     runs: list[dict[str, float]] = []
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     above = first - imported
     reports, reports_cpu = med(runs, "fit_end", "train_end"), med(runs, "fit_end cpu", "train_end cpu")
     print(
-        f"python train.py experiment=demo trainer.max_epochs=1 (warm image cache; the warm-up run took "
+        f"{ROOT}: python train.py experiment=demo trainer.max_epochs=1 (warm image cache; the warm-up run took "
         f"{warm:.1f} s); {args.repeats} run(s) of each, taking turns; medians; OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after"
