@@ -86,6 +86,27 @@ class Floor:
         return time.perf_counter() - start
 
 
+def measure(args: argparse.Namespace, predict) -> tuple[int, dict[str, list[float]]]:
+    """Make the data and the checkpoint; time the floor and predict with each --workers value, taking turns."""
+    with tempfile.TemporaryDirectory(prefix="predict_throughput_") as tmp:
+        work = Path(tmp)
+        folder = make_data(work / "images", args.images, args.source_size, args.make_workers)
+        ckpt = make_checkpoint(work / "model.ckpt", args.layout, args.image_size, work)
+        floor = Floor(ckpt, folder, args.batch_size)
+        count = len(floor.images)
+        floor.run()  # warm-up: allocator, oneDNN primitives
+        times: dict[str, list[float]] = {"floor": []}
+        for _ in range(args.repeats):
+            times["floor"].append(floor.run())
+            for workers in args.workers:
+                cfg = predict_config(ckpt, folder, work / f"p{workers}.csv", args.batch_size, workers)
+                start = time.perf_counter()
+                rows = predict(cfg)["rows"]
+                times.setdefault(f"predict num_workers={workers}", []).append(time.perf_counter() - start)
+                assert len(rows) == count
+    return count, times
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -108,29 +129,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from densenet_se.predict import run as predict
 
-    logging.getLogger("densenet_se").setLevel(logging.WARNING)  # no per-run "wrote N predictions" lines
     load_before = load_average()
-    with tempfile.TemporaryDirectory(prefix="predict_throughput_") as tmp:
-        work = Path(tmp)
-        folder = make_data(work / "images", args.images, args.source_size, args.make_workers)
-        ckpt = make_checkpoint(work / "model.ckpt", args.layout, args.image_size, work)
-        floor = Floor(ckpt, folder, args.batch_size)
-        count = len(floor.images)
-        floor.run()  # warm-up: allocator, oneDNN primitives
-        times: dict[str, list[float]] = {"floor": []}
-        for _ in range(args.repeats):
-            times["floor"].append(floor.run())
-            for workers in args.workers:
-                cfg = predict_config(ckpt, folder, work / f"p{workers}.csv", args.batch_size, workers)
-                start = time.perf_counter()
-                rows = predict(cfg)["rows"]
-                times.setdefault(f"predict num_workers={workers}", []).append(time.perf_counter() - start)
-                assert len(rows) == count
+    logger = logging.getLogger("densenet_se")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # no per-run "wrote N predictions" lines
+    try:
+        count, times = measure(args, predict)
+    finally:
+        logger.setLevel(level)  # callers in the same process (tests) get their logging back
+    load_after = load_average()
 
     print(
         f"{count} demo JPEGs at {args.source_size} px -> {args.image_size} px; layout {args.layout}; batch "
         f"{args.batch_size}; CPU, {torch.get_num_threads()} threads for the model; {args.repeats} rounds, "
-        f"taking turns; medians; load average {load_before:.2f} before, {load_average():.2f} after"
+        f"taking turns; medians; load average {load_before:.2f} before, {load_after:.2f} after"
     )
     header = (
         f"{'run':34} {'median s':>9} {'min s':>7} {'images/s':>9} {'vs floor':>9}  target >= {TARGET_RATIO}x"
