@@ -61,7 +61,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def __init__(self, checkpoint_io: TorchCheckpointIO | None = None) -> None:
         super().__init__(checkpoint_io or AtomicCheckpointIO())
-        self._failure: tuple[str, BaseException] | None = None
+        self._failure: tuple[str, str, BaseException] | None = None  # (verb, path, error)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -69,11 +69,11 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         _refuse_storage_options(self, storage_options)
         self._raise_failure()  # stop before queueing anything newer than a file that could not be written
         snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
-        self._submit(str(path), self.checkpoint_io.save_checkpoint, snapshot, path, storage_options)
+        self._submit("write", str(path), self.checkpoint_io.save_checkpoint, snapshot, path, storage_options)
 
     def remove_checkpoint(self, path: str | Path) -> None:
         # Queued behind the writes: removing a file whose write is still pending would let the write recreate it.
-        self._submit(str(path), self.checkpoint_io.remove_checkpoint, path)
+        self._submit("remove", str(path), self.checkpoint_io.remove_checkpoint, path)
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.wait()
@@ -91,12 +91,12 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             self._executor = None
         if sys.exc_info()[1] is not None and self._failure is not None:
             # Training is already stopping with an error; that one is the story, this one is a footnote.
-            path, error = self._failure
+            verb, path, error = self._failure
             self._failure = None
-            log.error("could not write checkpoint %s: %s", path, error)
+            log.error("could not %s checkpoint %s: %s", verb, path, error)
         self._raise_failure()
 
-    def _submit(self, path: str, fn: Callable[..., Any], *args: Any) -> None:
+    def _submit(self, verb: str, path: str, fn: Callable[..., Any], *args: Any) -> None:
         self._ensure_setup()
 
         def run() -> None:
@@ -104,7 +104,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
                 fn(*args)
             except BaseException as error:  # kept for the training thread, which raises it
                 if self._failure is None:
-                    self._failure = (path, error)
+                    self._failure = (verb, path, error)
 
         assert self._executor is not None
         self._executor.submit(run)
@@ -112,10 +112,10 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     def _raise_failure(self) -> None:
         if self._failure is None:
             return
-        (path, error), self._failure = self._failure, None
+        (verb, path, error), self._failure = self._failure, None
         if isinstance(error, OSError):
             raise UserError(
-                f"could not write checkpoint {path}: {error.strerror or error}; the file keeps its previous "
+                f"could not {verb} checkpoint {path}: {error.strerror or error}; the file keeps its previous "
                 "contents (if any): free disk space or fix the folder's permissions, then continue with "
                 "resume=RUN_DIR."
             ) from error
