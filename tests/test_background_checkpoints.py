@@ -143,3 +143,44 @@ def test_a_kill_during_a_background_write_leaves_the_previous_file_whole(tmp_pat
     leftovers = [p for p in path.parent.iterdir() if p != path]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".last.ckpt.")  # the half file kept its
     assert leftovers[0].stat().st_size > 0  # temp name, so nothing ever reads it as a checkpoint
+
+
+def test_then_runs_after_the_queued_writes_and_not_after_a_failed_one(tmp_path, gate, monkeypatch):
+    io = BackgroundCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    seen = []
+    io.save_checkpoint({"epoch": 0}, path)
+    io.then(lambda: seen.append(torch.load(path, weights_only=True)["epoch"]))  # e.g. metrics.json
+    assert seen == []  # the write is still held back; nothing waited for it
+    gate.set()
+    io.wait()
+    assert seen == [0]  # it ran once the file was whole on disk
+
+    monkeypatch.setattr(torch, "save", _dies_halfway)
+    io.save_checkpoint({"epoch": 1}, path)
+    io.then(lambda: seen.append("must not run"))
+    with pytest.raises(UserError, match="could not write checkpoint"):
+        io.wait()
+    assert seen == [0]  # never ahead of a checkpoint that failed
+    io.teardown()
+
+
+def test_after_checkpoints_runs_at_once_with_a_synchronous_writer(tmp_path, gate):
+    from types import SimpleNamespace
+
+    from densenet_se.safety import AtomicCheckpointIO, after_checkpoints
+
+    seen = []
+    after_checkpoints(
+        SimpleNamespace(strategy=SimpleNamespace(checkpoint_io=AtomicCheckpointIO())), lambda: seen.append(1)
+    )
+    assert seen == [1]
+    background = BackgroundCheckpointIO()
+    background.save_checkpoint({"epoch": 0}, tmp_path / "last.ckpt")
+    after_checkpoints(
+        SimpleNamespace(strategy=SimpleNamespace(checkpoint_io=background)), lambda: seen.append(2)
+    )
+    assert seen == [1]  # queued behind the held-back write
+    gate.set()
+    background.teardown()
+    assert seen == [1, 2]

@@ -85,6 +85,16 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             self._executor.submit(lambda: None).result()  # one worker, so everything queued before is done
         self._raise_failure()
 
+    def then(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` in the writer thread once every write queued so far is on disk; not at all if one failed
+        (that failure is raised as usual). For files that must never get ahead of the checkpoints."""
+
+        def after() -> None:
+            if self._failure is None:
+                fn()
+
+        self._submit("write", "(after the checkpoints)", after)
+
     def teardown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -120,6 +130,16 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
                 "resume=RUN_DIR."
             ) from error
         raise error
+
+
+def after_checkpoints(trainer: L.Trainer, fn: Callable[[], Any]) -> None:
+    """Run `fn` once the checkpoints the trainer has written so far are on disk: at once with a synchronous
+    CheckpointIO, in the writer thread after them with BackgroundCheckpointIO (training does not wait)."""
+    io = trainer.strategy.checkpoint_io
+    if isinstance(io, BackgroundCheckpointIO):
+        io.then(fn)
+    else:
+        fn()
 
 
 def _refuse_storage_options(io: Any, storage_options: Any) -> None:
