@@ -91,3 +91,19 @@ def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
     assert np.allclose(steps, steps[0])
     mantissa = steps[0] / 10 ** math.floor(math.log10(steps[0]))
     assert any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 2.5, 5))
+
+
+def test_the_pictures_need_no_matplotlib_and_matplotlib_figures_still_save(tmp_path):
+    import subprocess
+    import sys
+
+    check = (
+        "import sys; from densenet_se import plots; import numpy as np;"
+        "plots.sample_grid(np.zeros((2, 3, 32, 32), np.uint8), [0, 1], ['a', 'b']);"
+        "plots.confusion_matrix_image([[1, 0], [0, 1]], ['a', 'b'], 't'); plots.curves_image([]);"
+        "print('matplotlib' in sys.modules);"
+        "from densenet_se.plots import plt; fig = plt.figure(); fig.gca().plot([0, 1]);"
+        f"png = plots.save_figure(fig, {str(tmp_path / 'f.png')!r}); print(png[:4] == b'\\x89PNG')"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
