@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,13 +32,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {"tiny": "densenet_tiny_se", "121": "densenet121_se"}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import LAYOUTS, ROOT, ComputeFloor, describe, interleaver, sync  # noqa: E402
 
 
 def compose(args: argparse.Namespace, data_root: Path, work: Path):
@@ -136,79 +130,6 @@ class NotebookLoop:
         return time.perf_counter() - start
 
 
-class ComputeFloor:
-    """The same network's training and evaluation steps on batches already normalised in memory, nothing else.
-
-    No framework, no data loading, no host reads: what any pipeline needs at the least for this model.
-    """
-
-    def __init__(self, args: argparse.Namespace, notebook: NotebookLoop, datamodule) -> None:
-        import copy
-
-        from densenet_se.data.images import normalize
-
-        self.device = notebook.device
-        self.model = copy.deepcopy(notebook.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
-
-        def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            return [(normalize(x.to(self.device)), y.to(self.device)) for x, y in loader]
-
-        self.train = batches(datamodule.train_dataloader())
-        self.val = batches(datamodule.val_dataloader())
-
-    def epoch(self) -> float:
-        start = time.perf_counter()
-        self.model.train()
-        for images, labels in self.train:
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(self.model(images), labels).backward()
-            self.optimizer.step()
-        self.model.eval()
-        with torch.inference_mode():
-            for images, _ in self.val:
-                self.model(images)
-        sync(self.device)
-        return time.perf_counter() - start
-
-
-def interleaver(loops: dict, device: torch.device):
-    """A callback that runs one epoch of each other loop between two project epochs and times them all."""
-    import lightning as L
-
-    class Interleave(L.Callback):
-        def __init__(self) -> None:
-            self.project: list[float] = []
-            self.others: dict[str, list[float]] = {name: [] for name in loops}
-            self.mark: float | None = None
-            self.fit_start = time.perf_counter()
-            self.first_epoch_start: float | None = None
-            self.end: float | None = None
-
-        def _close_project_epoch(self) -> None:
-            sync(device)
-            now = time.perf_counter()
-            if self.mark is not None:
-                self.project.append(now - self.mark)
-            else:
-                self.first_epoch_start = now
-
-        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._close_project_epoch()
-            rng = torch.get_rng_state()  # the project's own seeding stays as it would be without us
-            with torch.enable_grad(), torch.inference_mode(False):
-                for name, loop in loops.items():
-                    self.others[name].append(loop.epoch())
-            torch.set_rng_state(rng)
-            self.mark = time.perf_counter()
-
-        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._close_project_epoch()
-            self.end = time.perf_counter()
-
-    return Interleave()
-
-
 def build_trainer(args: argparse.Namespace, cfg, datamodule, callback):
     """The project's Trainer: as train.py builds it (--pipeline train) or stripped of all extras (lean)."""
     import lightning as L
@@ -227,12 +148,6 @@ def build_trainer(args: argparse.Namespace, cfg, datamodule, callback):
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     )
     return L.Trainer(callbacks=[callback], **kwargs)
-
-
-def describe(values: list[float]) -> tuple[float, float]:
-    """(median, min) of the epochs after the warm-up one (all of them when there are fewer than 3)."""
-    counted = values[1:] if len(values) >= 3 else values
-    return statistics.median(counted), min(counted)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -287,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         loops: dict = {"notebook": notebook}
         if not args.no_floor:
             start = time.perf_counter()
-            loops["floor"] = ComputeFloor(args, notebook, datamodule)
+            loops["floor"] = ComputeFloor(
+                notebook.model, device, datamodule.train_dataloader(), datamodule.val_dataloader()
+            )
             setup_seconds["floor"] = time.perf_counter() - start
 
         callback = interleaver(loops, device)

@@ -117,7 +117,7 @@ def test_train_batches_are_augmented_normalised_and_mixed_validation_batches_unt
     assert targets.shape == (len(labels), 3) and torch.allclose(targets.sum(1), torch.ones(len(labels)))
     # Every target puts weight on the image's own class (MixUp/CutMix blend it with its neighbour's).
     assert bool((targets.gather(1, labels[:, None]) > 0).all())
-    dm.trainer = SimpleNamespace(training=False, is_global_zero=True)
+    dm.trainer = SimpleNamespace(training=False, is_global_zero=True, world_size=1, global_rank=0)
     val_images, val_labels = next(iter(dm.val_dataloader()))
     out, out_labels = dm.on_after_batch_transfer((val_images, val_labels), 0)
     assert torch.equal(out, normalize(val_images)) and torch.equal(out_labels, val_labels)

@@ -16,7 +16,12 @@ from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.cli import describe
 from densenet_se.errors import UserError
 from densenet_se.module import DenseNetSEClassifier
-from densenet_se.safety import AtomicCheckpointIO, NonFiniteLossGuard, with_atomic_checkpoints
+from densenet_se.safety import (
+    AtomicCheckpointIO,
+    BackgroundCheckpointIO,
+    NonFiniteLossGuard,
+    with_atomic_checkpoints,
+)
 from densenet_se.train import run
 from helpers.config import TINY, compose_cfg
 from helpers.images import make_image_folder
@@ -66,7 +71,8 @@ def test_training_killed_while_writing_last_ckpt_can_still_resume_and_evaluate(t
         return real_atomic_save(checkpoint, path)
 
     monkeypatch.setattr(safety, "atomic_torch_save", atomic_save)
-    with pytest.raises(OSError, match="No space left"):
+    # The write runs in the background; its failure stops the run as one sentence naming the file.
+    with pytest.raises(UserError, match=r"could not write .*last\.ckpt: no space is left on its disk"):
         run(tiny_cfg(tmp_path))
     monkeypatch.undo()
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -180,6 +186,7 @@ def test_a_checkpoint_that_carries_code_is_refused_without_running_it(tmp_path):
 
 def test_atomic_checkpoint_io_is_added_once():
     plugins = with_atomic_checkpoints(None)
-    assert [type(p) for p in plugins] == [AtomicCheckpointIO]
+    assert [type(p) for p in plugins] == [BackgroundCheckpointIO]
+    assert type(plugins[0].checkpoint_io) is AtomicCheckpointIO  # the background thread writes atomically
     assert with_atomic_checkpoints(plugins) == plugins
-    assert [type(p) for p in with_atomic_checkpoints(["x"])] == [str, AtomicCheckpointIO]
+    assert [type(p) for p in with_atomic_checkpoints(["x"])] == [str, BackgroundCheckpointIO]

@@ -64,9 +64,10 @@ def test_file_listing_is_one_line_per_entry(tmp_path):
 @pytest.mark.parametrize("name", HOSTILE)
 def test_figures_draw_any_class_name(name):
     images = np.zeros((2, 3, 8, 8), dtype=np.uint8)
-    grid = plots.figure_png(plots.sample_grid_figure(images, [0, 1], ["plain", name]))
-    matrix = plots.figure_png(plots.confusion_matrix_figure([[1, 0], [0, 1]], ["plain", name], name))
-    assert grid.startswith(b"\x89PNG") and matrix.startswith(b"\x89PNG")
+    grid = plots.png_bytes(plots.sample_grid(images, [0, 1], ["plain", name]))
+    matrix = plots.png_bytes(plots.confusion_matrix_image([[1, 0], [0, 1]], ["plain", name], name))
+    curves = plots.png_bytes(plots.curves_image([{"epoch": 0, "train_loss": 1.0, "val_acc": 0.5}]))
+    assert grid.startswith(b"\x89PNG") and matrix.startswith(b"\x89PNG") and curves.startswith(b"\x89PNG")
 
 
 def test_bad_files_with_newlines_and_tabs_are_listed_once_each(tmp_path):

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from densenet_se import plots
 from densenet_se.io import atomic_write_text
 from densenet_se.metrics import BEST, BEST_KEY, MONITOR, best_sign, epoch_keys
+from densenet_se.safety import after_checkpoints
 
 log = logging.getLogger("densenet_se")
 
@@ -40,6 +41,14 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
         if isinstance(logger, TensorBoardLogger):
             return logger
     return None
+
+
+def add_png(tb: TensorBoardLogger, tag: str, png: bytes, shape: tuple[int, ...], step: int) -> None:
+    """Log PNG bytes of an RGB image (`shape`: H, W, 3) as a TensorBoard image, without encoding it again."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    picture = Summary.Image(height=shape[0], width=shape[1], colorspace=3, encoded_image_string=png)
+    tb.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
 
 
 class RunReport(L.Callback):
@@ -71,6 +80,7 @@ class RunReport(L.Callback):
         self._epoch_start: float | None = None
         self._validated_epoch: int | None = None
         self._saved_epoch = -1  # epochs up to this one are in metrics.json: their checkpoints are written
+        self._queued_epoch = -1  # epochs up to this one are committed once the checkpoints queued so far are
 
     # Lightning stores this in every checkpoint (plain values only), so a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
@@ -86,7 +96,7 @@ class RunReport(L.Callback):
         if self.epochs:
             return
         self.epochs = list(state_dict.get("epochs", []))
-        self._saved_epoch = max((int(r["epoch"]) for r in self.epochs), default=-1)
+        self._saved_epoch = self._queued_epoch = max((int(r["epoch"]) for r in self.epochs), default=-1)
         self.confmats = {int(k): v for k, v in state_dict.get("confmats", {}).items()}
         self.total_seconds = float(state_dict.get("total_seconds", 0.0))
 
@@ -108,10 +118,17 @@ class RunReport(L.Callback):
     def _commit(self, trainer: L.Trainer) -> None:
         """List every finished epoch in metrics.json: called once the checkpoints of those epochs are saved."""
         last = max((r["epoch"] for r in self.epochs), default=-1)
-        if last > self._saved_epoch:
-            self._saved_epoch = last
+        if last <= self._queued_epoch:
+            return
+        self._queued_epoch = last
+
+        def commit() -> None:
+            self._saved_epoch = max(self._saved_epoch, last)
             if trainer.is_global_zero:
                 self.write_metrics(trainer)
+
+        # With checkpoints written in the background, only once the files queued before this point are on disk.
+        after_checkpoints(trainer, commit)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the module's,
@@ -126,11 +143,10 @@ class RunReport(L.Callback):
             return
         self.confmats[trainer.current_epoch] = matrix
         tb = tensorboard_logger(trainer)
-        if tb is not None:
-            fig = plots.confusion_matrix_figure(
-                matrix, self.class_names, f"validation, epoch {trainer.current_epoch + 1}"
-            )
-            tb.experiment.add_image("val/confusion_matrix", plots.figure_to_array(fig), trainer.current_epoch)
+        if tb is not None:  # a Pillow drawing of a few milliseconds, so every epoch gets one
+            title = f"validation, epoch {trainer.current_epoch + 1}"
+            image = plots.confusion_matrix_image(matrix, self.class_names, title)
+            add_png(tb, "val/confusion_matrix", plots.png_bytes(image), image.shape, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - (self._epoch_start or time.perf_counter())
@@ -162,13 +178,12 @@ class RunReport(L.Callback):
             return
         self.write_metrics(trainer)
         if self.epochs:
-            plots.save_figure(plots.curves_figure(self.epochs), self.run_dir / "curves.png")
+            plots.save_png(plots.curves_image(self.epochs), self.run_dir / "curves.png")
         best = self.best()
         if best is not None and best["epoch"] in self.confmats:
-            fig = plots.confusion_matrix_figure(
-                self.confmats[best["epoch"]], self.class_names, f"validation, best epoch {best['epoch'] + 1}"
-            )
-            plots.save_figure(fig, self.run_dir / "confusion_matrix.png")
+            title = f"validation, best epoch {best['epoch'] + 1}"
+            image = plots.confusion_matrix_image(self.confmats[best["epoch"]], self.class_names, title)
+            plots.save_png(image, self.run_dir / "confusion_matrix.png")
 
     # ------------------------------------------------------------------------------------------------ reports
     def saved_epochs(self) -> list[dict[str, Any]]:
@@ -217,14 +232,12 @@ class RunReport(L.Callback):
         labels = labels[: self.num_samples]
         if images.dtype != torch.uint8:  # a data module that yields float tensors in [0, 1]
             images = (images.clamp(0, 1) * 255).to(torch.uint8)
-        array = images.cpu().numpy()
-        # Drawn once: the same PNG goes to samples.png and to TensorBoard.
-        png = plots.save_figure(
-            plots.sample_grid_figure(array, labels.tolist(), self.class_names), self.run_dir / "samples.png"
-        )
+        # Drawn and encoded once: the same PNG goes to samples.png and to TensorBoard.
+        grid = plots.sample_grid(images.cpu().numpy(), labels.tolist(), self.class_names)
+        png = plots.save_png(grid, self.run_dir / "samples.png")
         tb = tensorboard_logger(trainer)
         if tb is not None:
-            tb.experiment.add_image("samples", plots.png_to_array(png), 0)
+            add_png(tb, "samples", png, grid.shape, 0)
 
     def _write_hparams(self, trainer: L.Trainer) -> None:
         tb = tensorboard_logger(trainer)

@@ -193,6 +193,7 @@ class PredictConfig:
     # The run directory of this command (outputs/predict/<date>/<time>) unless given.
     output: str = "${hydra:runtime.output_dir}/predictions.csv"
     batch_size: int = 32
+    num_workers: int = 2
     device: str = "auto"
     tta: str = "none"
     calibration: str | None = None

@@ -12,8 +12,7 @@ import csv
 import io
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from omegaconf import DictConfig
 from densenet_se.calibration import load_calibration
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device
 from densenet_se.config import PredictConfig  # noqa: F401  (schemas, registered in config)
-from densenet_se.data.images import IMAGE_EXTENSIONS, BadImageError, decode_image
+from densenet_se.data.filebatches import decoded_batches
+from densenet_se.data.images import IMAGE_EXTENSIONS
 from densenet_se.errors import UserError
 from densenet_se.inference import check_tta, combine, to_model_input, view_logits
 from densenet_se.io import atomic_write_text
@@ -53,37 +53,6 @@ def list_images(source: str | Path) -> list[Path]:
             f"input={source} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), even in sub-folders."
         )
     return sorted(found)
-
-
-def load_batch(
-    paths: Sequence[Path], image_size: int, max_image_pixels: int, pool: ThreadPoolExecutor
-) -> tuple[list[Path], torch.Tensor | None, list[tuple[Path, str]]]:
-    """(paths that loaded, their uint8 images [n,3,S,S] or None, [(path, reason)] for the ones that did not)."""
-
-    def one(path: Path) -> torch.Tensor | str:
-        # decode_image is what load_image wraps; its BadImageError carries the bare reason for the listing.
-        try:
-            return decode_image(path, image_size, max_image_pixels)
-        except BadImageError as err:
-            return str(err)
-        except OSError as err:  # gone since listing, permission denied
-            return f"unreadable: {err.strerror or err}"
-
-    good: list[Path] = []
-    images: list[torch.Tensor] = []
-    skipped: list[tuple[Path, str]] = []
-    for path, result in zip(paths, pool.map(one, paths), strict=True):
-        if isinstance(result, str):
-            skipped.append((path, result))
-        else:
-            good.append(path)
-            images.append(result)
-    return good, (torch.stack(images) if images else None), skipped
-
-
-def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def skipped_path(output: Path) -> Path:
@@ -154,31 +123,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[Path, str]] = []
-    with ThreadPoolExecutor(4) as pool:  # PIL releases the GIL while decoding
-        for chunk in _chunks(files, cfg.batch_size):
-            good, images, bad = load_batch(chunk, hp["image_size"], cfg.max_image_pixels, pool)
-            for path, reason in bad:
-                print(f"skipped {display_name(str(path))}: {reason}", file=sys.stderr)
-            skipped.extend(bad)
-            if images is None:
-                continue
-            logits = view_logits(module, images, hp, cfg.batch_size, device, cfg.tta)
-            combined = combine(logits, decision["temperature"])
-            preds = decide(combined.probs, decision["threshold"], decision["positive"])
-            if cam is not None:  # the map of the class called, on the image itself
-                _, maps = cam(
-                    to_model_input(images.to(device), hp["mean"], hp["std"]), target=preds.to(device)
-                )
-                _save_overlays(good, maps, cam_dir, base, cfg.max_image_pixels)
-            for i, path in enumerate(good):
-                rows.append(
-                    {
-                        "path": str(path),
-                        "predicted": class_names[int(preds[i])],
-                        "probs": combined.probs[i].tolist(),
-                        "uncertainty": float(combined.uncertainty[i]),
-                    }
-                )
+    # Worker processes decode the next batches while the model runs on this one.
+    batches = decoded_batches(files, hp["image_size"], cfg.max_image_pixels, cfg.batch_size, cfg.num_workers)
+    for batch in batches:
+        good, images, bad = batch.paths, batch.images, batch.skipped
+        for path, reason in bad:
+            print(f"skipped {display_name(str(path))}: {reason}", file=sys.stderr)
+        skipped.extend(bad)
+        if images is None:
+            continue
+        logits = view_logits(module, images, hp, cfg.batch_size, device, cfg.tta)
+        combined = combine(logits, decision["temperature"])
+        preds = decide(combined.probs, decision["threshold"], decision["positive"])
+        if cam is not None:  # the map of the class called, on the image itself
+            _, maps = cam(to_model_input(images.to(device), hp["mean"], hp["std"]), target=preds.to(device))
+            _save_overlays(good, maps, cam_dir, base, cfg.max_image_pixels)
+        for i, path in enumerate(good):
+            rows.append(
+                {
+                    "path": str(path),
+                    "predicted": class_names[int(preds[i])],
+                    "probs": combined.probs[i].tolist(),
+                    "uncertainty": float(combined.uncertainty[i]),
+                }
+            )
 
     if cam is not None:
         cam.close()

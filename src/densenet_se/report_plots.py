@@ -215,7 +215,7 @@ def top_loss_panels(
 
 def section_figures(result: Any, title: str, panels: list[dict[str, Any]]) -> dict[str, bytes]:
     """PNG bytes of every figure of one evaluated split (an Assessment), keyed by file name."""
-    from densenet_se.plots import confusion_matrix_figure, figure_png
+    from densenet_se.plots import confusion_matrix_image, figure_png, png_bytes
 
     m = result.metrics
     figures = {
@@ -227,8 +227,8 @@ def section_figures(result: Any, title: str, panels: list[dict[str, Any]]) -> di
             ),
             tight=False,
         ),
-        "confusion_matrix.png": figure_png(
-            confusion_matrix_figure(m["confusion_matrix"], m["class_names"], title)
+        "confusion_matrix.png": png_bytes(
+            confusion_matrix_image(m["confusion_matrix"], m["class_names"], title)
         ),
     }
     if panels:

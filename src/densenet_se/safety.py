@@ -1,8 +1,10 @@
-"""Crash-safe checkpoint files loaded with weights_only=True, and a stop at the first non-finite training loss."""
+"""Crash-safe checkpoint files written off the training thread and loaded with weights_only=True, and a stop at
+the first non-finite training loss."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from densenet_se.checkpoint import load_checkpoint
 from densenet_se.errors import UserError
@@ -29,8 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}.")
+        _refuse_storage_options(self, storage_options)
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(
@@ -46,14 +49,120 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path)
 
 
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """AtomicCheckpointIO run in one background thread, so the step loop never waits for the disk.
+
+    The checkpoint's tensors are copied on the calling thread first, so a file holds the weights of the moment
+    it was asked for, not of some later step. One thread runs the writes and removals in the order they were
+    asked for, and loading waits for them. A write that failed (disk full, permissions) is raised as a
+    UserError at the next save, load or `wait()`, or when training ends: the failed file keeps its previous
+    contents, as AtomicCheckpointIO guarantees.
+    """
+
+    def __init__(self, checkpoint_io: TorchCheckpointIO | None = None) -> None:
+        super().__init__(checkpoint_io or AtomicCheckpointIO())
+        self._failure: tuple[str, str, BaseException] | None = None  # (verb, path, error)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        _refuse_storage_options(self, storage_options)
+        self._raise_failure()  # stop before queueing anything newer than a file that could not be written
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
+        self._submit("write", str(path), self.checkpoint_io.save_checkpoint, snapshot, path, storage_options)
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        # Queued behind the writes: removing a file whose write is still pending would let the write recreate it.
+        self._submit("remove", str(path), self.checkpoint_io.remove_checkpoint, path)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return self.checkpoint_io.load_checkpoint(*args, **kwargs)
+
+    def wait(self) -> None:
+        """Block until every queued write and removal is done; raise a failed one as a UserError."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()  # one worker, so everything queued before is done
+        self._raise_failure()
+
+    def then(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` in the writer thread once every write queued so far is on disk; not at all if one failed
+        (that failure is raised as usual). For files that must never get ahead of the checkpoints."""
+
+        def after() -> None:
+            if self._failure is None:
+                fn()
+
+        self._submit("write", "(after the checkpoints)", after)
+
+    def teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if sys.exc_info()[1] is not None and self._failure is not None:
+            # Training is already stopping with an error; that one is the story, this one is a footnote.
+            verb, path, error = self._failure
+            self._failure = None
+            log.error("could not %s checkpoint %s: %s", verb, path, error)
+        self._raise_failure()
+
+    def _submit(self, verb: str, path: str, fn: Callable[..., Any], *args: Any) -> None:
+        self._ensure_setup()
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as error:  # kept for the training thread, which raises it
+                if self._failure is None:
+                    self._failure = (verb, path, error)
+
+        assert self._executor is not None
+        self._executor.submit(run)
+
+    def _raise_failure(self) -> None:
+        if self._failure is None:
+            return
+        (verb, path, error), self._failure = self._failure, None
+        if isinstance(
+            error, UserError
+        ):  # a refused write (StorageError): it names the file and the fix already
+            raise UserError(
+                f"{str(error).rstrip('.')}; the checkpoint keeps its previous contents (if any), so continue with "
+                "resume=RUN_DIR once that is fixed."
+            ) from error
+        if isinstance(error, OSError):
+            raise UserError(
+                f"could not {verb} checkpoint {path}: {error.strerror or error}; the file keeps its previous "
+                "contents (if any): free disk space or fix the folder's permissions, then continue with "
+                "resume=RUN_DIR."
+            ) from error
+        raise error
+
+
+def after_checkpoints(trainer: L.Trainer, fn: Callable[[], Any]) -> None:
+    """Run `fn` once the checkpoints the trainer has written so far are on disk: at once with a synchronous
+    CheckpointIO, in the writer thread after them with BackgroundCheckpointIO (training does not wait)."""
+    io = trainer.strategy.checkpoint_io
+    if isinstance(io, BackgroundCheckpointIO):
+        io.then(fn)
+    else:
+        fn()
+
+
+def _refuse_storage_options(io: Any, storage_options: Any) -> None:
+    if storage_options is not None:
+        raise TypeError(f"{type(io).__name__} does not take storage_options, got {storage_options!r}.")
+
+
 def with_atomic_checkpoints(plugins: Any) -> list[Any]:
-    """Trainer `plugins` plus AtomicCheckpointIO, unless a CheckpointIO is already given."""
+    """Trainer `plugins` plus BackgroundCheckpointIO (atomic writes off the training thread), unless a
+    CheckpointIO is already given."""
     from lightning.fabric.plugins import CheckpointIO
 
     listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if any(isinstance(p, CheckpointIO) for p in listed):
         return listed
-    return [*listed, AtomicCheckpointIO()]
+    return [*listed, BackgroundCheckpointIO()]
 
 
 class NonFiniteLossGuard(L.Callback):
@@ -94,7 +203,10 @@ class NonFiniteLossGuard(L.Callback):
         self.check(trainer)
         state = checkpoint.get("state_dict", {})
         floats = {k: t for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point()}
-        if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats.values()]).all()):
+        # One flat copy and one check (a copy of the weights costs less than a kernel launch per tensor).
+        if floats and not bool(
+            torch.cat([t.detach().reshape(-1).float() for t in floats.values()]).isfinite().all()
+        ):
             bad = next(k for k, t in floats.items() if not bool(torch.isfinite(t).all()))
             raise UserError(
                 f"training stopped in epoch {trainer.current_epoch + 1}: the model weights became non-finite "

@@ -424,12 +424,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         per_process = -(-n // world)  # DDP's training sampler gives each process ceil(n / world) images
         # A last training batch of one image breaks BatchNorm ("Expected more than 1 value per channel").
         drop_last = shuffle and per_process % self.batch_size == 1 and per_process > 1
-        if self.cache == "device":
-            device = self._device()
-            if self._on_device is None or self._on_device[0] != device:
-                assert self._images is not None
-                self._on_device = (device, self._images.to(device), self._labels.to(device))
-            _, images, labels = self._on_device
+        # Decoded images in this process with no workers to feed: whole batches are indexed out of the tensor
+        # (one index_select per batch) instead of item by item and collated, which costs per image per epoch.
+        in_process = self._images is not None and self.num_workers == 0 and not self.pin_memory
+        if self.cache == "device" or in_process:
+            if self.cache == "device":
+                device = self._device()
+                if self._on_device is None or self._on_device[0] != device:
+                    assert self._images is not None
+                    self._on_device = (device, self._images.to(device), self._labels.to(device))
+                _, images, labels = self._on_device
+            else:
+                images, labels = self._images, self._labels
             world = self.trainer.world_size if self.trainer is not None else 1
             rank = self.trainer.global_rank if self.trainer is not None else 0
             indices = self._indices[name]

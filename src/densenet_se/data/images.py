@@ -239,6 +239,10 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     scale, shift = _scale_shift(images.device, dtype)
     if images.dim() == 3:
         scale, shift = scale[0], shift[0]
+    if images.dtype == torch.uint8 and dtype == torch.float32:
+        # One pass: addcmul reads the bytes and computes in float32 (the same values, several times faster
+        # than converting to float first).
+        return torch.addcmul(shift, images, scale)
     return torch.addcmul(shift, images.to(dtype), scale)
 
 
