@@ -79,45 +79,51 @@ class RandomAuto:
                 hit |= op == self.names.index(name)
         return hit
 
-    @torch.no_grad()
-    def _step(self, images: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def _geometry(self, images: torch.Tensor, m: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+        """As v2 calls F.affine / F.rotate: shears about the top-left corner (center=[0, 0]), whole pixels of
+        translation (int()), rotation with v2.rotate's sign; outside the image is 0 (fill=None)."""
         _, _, height, width = images.shape
-        out = images
-        # Geometry as v2 calls F.affine / F.rotate: shears about the top-left corner (center=[0, 0]), whole
-        # pixels of translation (int()), rotation with v2.rotate's sign; outside the image is 0 (fill=None).
-        shear_x = torch.where(self._is(op, "ShearX"), torch.rad2deg(torch.atan(m)), 0.0)
-        shear_y = torch.where(self._is(op, "ShearY"), torch.rad2deg(torch.atan(m)), 0.0)
         corner = self._is(op, "ShearX", "ShearY")
         matrix = ops.inverse_affine(
             torch.where(self._is(op, "Rotate"), -m, 0.0),
-            shear_x,
-            shear_y,
+            torch.where(self._is(op, "ShearX"), torch.rad2deg(torch.atan(m)), 0.0),
+            torch.where(self._is(op, "ShearY"), torch.rad2deg(torch.atan(m)), 0.0),
             torch.where(self._is(op, "TranslateX"), torch.trunc(m), 0.0),
             torch.where(self._is(op, "TranslateY"), torch.trunc(m), 0.0),
             torch.where(corner, -width / 2.0, 0.0),
             torch.where(corner, -height / 2.0, 0.0),
         )
-        out = torch.where(ops.per_image(self._is(op, *GEOMETRIC)), ops.warp(images, matrix), out)
-        # Brightness, Color (saturation), Contrast and Sharpness blend with factor 1 + m towards their targets.
+        return ops.warp(images, matrix)
+
+    def _colour(self, images: torch.Tensor, m: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+        """Brightness, Color (saturation) and Contrast: a blend with factor 1 + m towards 0, luma, mean luma."""
         luma = ops.grayscale(images)
-        target = torch.where(
-            ops.per_image(self._is(op, "Color")),
+        mean = luma.mean(dim=(-3, -2, -1), keepdim=True)
+        on = images.new_ones(())
+        target = torch.addcmul(
+            mean * ops.per_image(torch.where(self._is(op, "Contrast"), on, 0.0)),
             luma,
-            torch.where(
-                ops.per_image(self._is(op, "Contrast")),
-                luma.mean(dim=(-3, -2, -1), keepdim=True),
-                torch.where(ops.per_image(self._is(op, "Sharpness")), ops.sharpness_target(images), 0.0),
-            ),
+            ops.per_image(torch.where(self._is(op, "Color"), on, 0.0)),
         )
-        blends = ops.blend(images, target, 1.0 + m)
-        out = torch.where(ops.per_image(self._is(op, *BLENDS)), blends, out)
-        posterize = self._is(op, "Posterize")
-        out = torch.where(
-            ops.per_image(posterize), ops.posterize(images, torch.where(posterize, m, 8.0)), out
-        )
-        out = torch.where(ops.per_image(self._is(op, "Solarize")), ops.solarize(images, m), out)
-        out = torch.where(ops.per_image(self._is(op, "AutoContrast")), ops.autocontrast(images), out)
-        return torch.where(ops.per_image(self._is(op, "Equalize")), ops.equalize(images), out)
+        return ops.blend(images, target, 1.0 + m)
+
+    def _step(self, images: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        posterize = self.names.index("Posterize") if "Posterize" in self.names else -1
+        groups = {
+            GEOMETRIC: self._geometry,
+            ("Brightness", "Color", "Contrast"): self._colour,
+            ("Sharpness",): lambda im, m, op: ops.blend(im, ops.sharpness_target(im), 1.0 + m),
+            # Other images' strengths are no bit counts (a GPU computes every image): 8 bits for them.
+            ("Posterize",): lambda im, m, op: ops.posterize(im, torch.where(op == posterize, m, 8.0)),
+            ("Solarize",): lambda im, m, op: ops.solarize(im, m),
+            ("AutoContrast",): lambda im, m, op: ops.autocontrast(im),
+            ("Equalize",): lambda im, m, op: ops.equalize(im),
+        }
+        out = images.clone()
+        for names, fn in groups.items():
+            if any(name in self.names for name in names):
+                out = ops.select(self._is(op, *names), fn, images, out, m, op)
+        return out
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, draw: AutoDraw) -> torch.Tensor:

@@ -167,23 +167,22 @@ class RandomColor:
         needs_luma = self.strengths[CONTRAST] > 0 or self.strengths[SATURATION] > 0
         for step in range(draw.order.shape[1]):
             op = draw.order[:, step]
-            # Brightness, contrast and saturation are one blend with different targets (v2's _blend); an image
-            # whose adjustment at this step is the hue gets factor 1 here, which leaves it as it is.
+            # Brightness, contrast and saturation are one blend with different targets (v2's _blend): 0, the
+            # mean luma, the luma. An image whose adjustment at this step is the hue gets factor 1 here.
             factor = torch.where(op == HUE, 1.0, draw.factors.gather(1, op[:, None]).squeeze(1))
-            target = torch.zeros((), device=out.device)
+            target = out.new_zeros(())
             if needs_luma:
                 luma = ops.grayscale(out)
                 mean = luma.mean(dim=(-3, -2, -1), keepdim=True)
-                target = torch.where(
-                    ops.per_image(op == SATURATION),
+                on = out.new_ones(())
+                target = torch.addcmul(
+                    mean * ops.per_image(torch.where(op == CONTRAST, on, 0.0)),
                     luma,
-                    torch.where(ops.per_image(op == CONTRAST), mean, 0.0),
+                    ops.per_image(torch.where(op == SATURATION, on, 0.0)),
                 )
             blended = ops.blend(out, target, factor)
             if self.strengths[HUE] > 0:
-                is_hue = op == HUE
-                shifted = ops.adjust_hue(out, torch.where(is_hue, draw.factors[:, HUE], 0.0))
-                blended = torch.where(ops.per_image(is_hue), shifted, blended)
+                blended = ops.select(op == HUE, ops.adjust_hue, out, blended, draw.factors[:, HUE])
             out = blended
         return out
 
