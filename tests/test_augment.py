@@ -6,6 +6,7 @@ its draws with v2's distributions (scipy's tests, fixed seeds).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import itertools
 import math
@@ -25,7 +26,7 @@ from densenet_se.data.augment_auto import OPERATIONS, POLICY_CLASSES, AutoDraw, 
 from densenet_se.data.augment_stages import GeometryDraw, RandomColor, RandomGeometry
 from densenet_se.data.mixing import MIX_KEYS, batch_mix
 from densenet_se.errors import UserError
-from helpers.config import CONF, compose_cfg
+from helpers.config import CONF, ROOT, compose_cfg
 
 S = 32
 BILINEAR = v2.InterpolationMode.BILINEAR
@@ -393,3 +394,23 @@ def test_the_retired_switch(tmp_path):
         validate(compose_cfg(tmp_path, ["data.augment=false", "augment=strong"]))
     with pytest.raises(UserError, match=r"this run was trained with data.augment=true, which this version"):
         validate(compose_cfg(tmp_path, ["data.augment=true", "resume=/old/run"]))
+
+
+def test_augment_throughput_prints_its_table(capsys, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "augment_throughput", ROOT / "benchmarks" / "augment_throughput.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    composed = compose_cfg(tmp_path, ["augment=strong"]).augment
+    assert bench.policy_settings("strong") == {
+        k: composed[k] for k in IMAGE_KEYS
+    }  # the presets as Hydra reads them
+    bench.main(["--sizes", "16", "--batches", "3", "--repeats", "2", "--policies", "light", "strong"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith(("light ", "strong "))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("light", "16", "3"), ("strong", "16", "3")]
+    for row in rows:
+        batched, loop, ratio = float(row[3]), float(row[5]), float(row[7].rstrip("x"))
+        assert batched > 0 and loop > 0
+        assert ratio == pytest.approx(loop / batched, rel=0.02, abs=0.01)
