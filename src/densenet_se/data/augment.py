@@ -1,8 +1,10 @@
 """Training augmentation policies (`augment=none|light|strong|custom`) run on whole batches on their device.
 
-The uint8 batches come from the decode-once cache (or the GPU copy of it); here each image of a batch gets its
-own random torchvision.transforms.v2 draw (v2 called on a whole batch would give every image the same crop,
-flip and rotation), then the batch is normalised and, with MixUp/CutMix on, mixed (densenet_se.data.mixing).
+The uint8 batches come from the decode-once cache (or the GPU copy of it). Each image of a batch draws its own
+parameters from the distributions of torchvision.transforms.v2's transforms (v2 called on a whole batch would
+give every image the same crop, flip and rotation), and the batch goes through each stage at once
+(densenet_se.data.augment_stages, augment_auto); then it is normalised and, with MixUp/CutMix on, mixed
+(densenet_se.data.mixing).
 """
 
 from __future__ import annotations

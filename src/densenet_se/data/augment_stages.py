@@ -46,7 +46,8 @@ class RandomGeometry:
     """Random resized crop, flips and rotation of each image, resampled once (one grid_sample per batch).
 
     The crop, flips and rotation are composed into one matrix per image, so an image is interpolated once (v2
-    interpolated twice: crop, then rotation). Rotated corners are filled by mirroring the image at its border.
+    interpolated twice: crop, then rotation). Corners a rotation uncovers show the image around the crop, and
+    beyond the image's border its mirror image (never black).
     """
 
     def __init__(self, crop_scale_min: float, hflip: float, vflip: float, rotation: float) -> None:
