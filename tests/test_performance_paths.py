@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from densenet_se.data import augment_ops
 from densenet_se.data.loaders import DeviceBatches
 from densenet_se.train import build_datamodule, build_module
 from helpers.config import ROOT, TINY, compose_cfg
@@ -147,15 +148,27 @@ def host_reads(monkeypatch) -> Counter:
     return counts
 
 
-def test_training_steps_add_no_host_reads(tmp_path, image_folder, host_reads):
+def test_training_steps_add_no_host_reads(tmp_path, image_folder, host_reads, monkeypatch):
     # Same run with 2 and with 6 training steps: every host read must be per epoch, none per step. Logged
     # every step, with a logger, checkpoints and an LR monitor, as in real runs (the NaN guard reads each
-    # CPU step by design and batches its reads on GPUs, see densenet_se.safety).
+    # CPU step by design and batches its reads on GPUs, see densenet_se.safety). Every augmentation stage on,
+    # taking its GPU path (on the CPU it reads the draws, which live there): each image draws its own
+    # parameters on the device, none read back.
+    monkeypatch.setattr(augment_ops, "reads_are_free", lambda device: False)
+    augment = [
+        "augment=strong",
+        "augment.vflip=0.5",
+        "augment.rotation=10",
+        "augment.brightness=0.1",
+        "augment.hue=0.1",
+    ]
     counts = []
     for steps in (2, 6):
         L.seed_everything(0, verbose=False)
         _, datamodule, module = _tiny_parts(
-            tmp_path, image_folder, ["data.cache=device", "data.batch_size=2", "trainer.max_epochs=1"]
+            tmp_path,
+            image_folder,
+            ["data.cache=device", "data.batch_size=2", "trainer.max_epochs=1", *augment],
         )
         trainer = _trainer(
             tmp_path / str(steps),

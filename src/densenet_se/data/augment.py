@@ -1,13 +1,14 @@
 """Training augmentation policies (`augment=none|light|strong|custom`) run on whole batches on their device.
 
-The uint8 batches come from the decode-once cache (or the GPU copy of it); here each image of a batch gets its
-own random torchvision.transforms.v2 draw (v2 called on a whole batch would give every image the same crop,
-flip and rotation), then the batch is normalised and, with MixUp/CutMix on, mixed (densenet_se.data.mixing).
+The uint8 batches come from the decode-once cache (or the GPU copy of it). Each image of a batch draws its own
+parameters from the distributions of torchvision.transforms.v2's transforms (v2 called on a whole batch would
+give every image the same crop, flip and rotation), and the batch goes through each stage at once
+(densenet_se.data.augment_stages, augment_auto); then it is normalised and, with MixUp/CutMix on, mixed
+(densenet_se.data.mixing).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,12 +16,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.checks import Range, Rule
+from densenet_se.data.augment_auto import POLICY_CLASSES, RandomAuto
+from densenet_se.data.augment_stages import RandomColor, RandomGeometry
 from densenet_se.data.images import standardize
 from densenet_se.data.mixing import MIX_KEYS, batch_mix
 from densenet_se.errors import UserError
 
 POLICIES = ("none", "light", "strong", "custom")
-AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
+AUTO_AUGMENTS = ("none", *POLICY_CLASSES)
 
 
 def _probability(v: float) -> bool:
@@ -97,8 +100,7 @@ def check(cfg: DictConfig) -> None:
         )
 
 
-def image_transform(
-    image_size: int,
+def image_augment(
     crop_scale_min: float = 1.0,
     hflip: float = 0.0,
     vflip: float = 0.0,
@@ -111,52 +113,44 @@ def image_transform(
     magnitude: int = 9,
     num_ops: int = 2,
     magnitude_bins: int = 31,
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A v2 transform of one float image in 0..1 [3,S,S] (random per call), or None when it would change nothing.
+) -> BatchAugment | None:
+    """The augmentation of float batches in 0..1 [N,3,S,S] for these keys, or None when it would change nothing.
 
-    Order as in timm: random resized crop, flips, rotation, colour jitter, then RandAugment/TrivialAugment.
+    Order as in timm: random resized crop, flips and rotation (one resampling), colour jitter, then
+    RandAugment/TrivialAugment.
     """
-    from torchvision.transforms import v2  # imported here: only training with augmentation needs it
-
-    bilinear = v2.InterpolationMode.BILINEAR
-    ops: list[Callable] = []
-    if crop_scale_min < 1.0:
-        ops.append(v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True))
-    if hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(hflip))
-    if vflip > 0:
-        ops.append(v2.RandomVerticalFlip(vflip))
-    if rotation > 0:
-        # Reflection padding first, so the rotated corners continue the image (v2 only fills a constant).
-        worst = math.radians(min(rotation, 45.0))
-        pad = math.ceil(image_size * (math.cos(worst) + math.sin(worst) - 1.0) / 2.0) + 1
-        ops += [
-            v2.Pad(pad, padding_mode="reflect"),
-            v2.RandomRotation(rotation, interpolation=bilinear),
-            v2.CenterCrop(image_size),
-        ]
-    if brightness or contrast or saturation or hue:
-        ops.append(v2.ColorJitter(brightness, contrast, saturation, hue))
-    if auto == "randaugment":
-        ops.append(v2.RandAugment(num_ops, magnitude, magnitude_bins, interpolation=bilinear))
-    elif auto == "trivialaugment":
-        ops.append(v2.TrivialAugmentWide(magnitude_bins, interpolation=bilinear))
-    return v2.Compose(ops) if ops else None
+    stages: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if crop_scale_min < 1.0 or hflip > 0 or vflip > 0 or rotation > 0:
+        stages.append(RandomGeometry(crop_scale_min, hflip, vflip, rotation))
+    if brightness > 0 or contrast > 0 or saturation > 0 or hue > 0:
+        stages.append(RandomColor(brightness, contrast, saturation, hue))
+    if auto != "none":
+        stages.append(RandomAuto(auto, num_ops, magnitude, magnitude_bins))
+    return BatchAugment(stages) if stages else None
 
 
-@torch.no_grad()
-def augment_images(
-    transform: Callable[[torch.Tensor], torch.Tensor], unit_images: torch.Tensor
-) -> torch.Tensor:
-    """`transform` applied to each float image in 0..1 of [N,3,S,S] with its own random draw, kept in 0..1."""
-    return torch.stack([transform(image) for image in unit_images]).clamp_(0.0, 1.0)
+class BatchAugment:
+    """The stages of a policy, applied in turn to a float batch in 0..1; every image draws its own parameters."""
+
+    def __init__(self, stages: list[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.stages = stages
+
+    @torch.no_grad()
+    def __call__(self, unit_images: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            unit_images = stage(unit_images)
+        return unit_images.clamp_(0.0, 1.0)
 
 
 class TrainBatchTransform:
-    """uint8 training batches to augmented, normalised float32 (and soft targets when mixing) on their device."""
+    """uint8 training batches to augmented, normalised float32 (and soft targets when mixing) on their device.
+
+    `image_size` is the side of the batches it gets; every augmentation keeps the batch's own size.
+    """
 
     def __init__(self, settings: Mapping[str, Any], image_size: int, num_classes: int) -> None:
-        self.images = image_transform(image_size, **{k: settings[k] for k in IMAGE_KEYS if k in settings})
+        self.image_size = image_size
+        self.images = image_augment(**{k: settings[k] for k in IMAGE_KEYS if k in settings})
         self.mix = batch_mix(num_classes, **{k: settings[k] for k in MIX_KEYS if k in settings})
 
     @property
@@ -166,7 +160,7 @@ class TrainBatchTransform:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unit = images.float().div_(255.0)
         if self.images is not None:
-            unit = augment_images(self.images, unit)
+            unit = self.images(unit)
         batch = standardize(unit)
         if self.mix is not None:
             return self.mix(batch, labels)
