@@ -4,6 +4,7 @@ example of docs/ARCHITECTURE.md, run end to end)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -32,7 +34,7 @@ from densenet_se.models.common import build_on_meta
 from densenet_se.module import Classifier
 from densenet_se.resume import prepare_resume
 from helpers.config import CONF, ROOT, TINY, TINY_TV, compose_cfg, task_cfg
-from helpers.crafted import TINY_TORCHVISION, resumable_run, tiny_checkpoint
+from helpers.crafted import TINY_TORCHVISION, checkpoint_run, resumable_run, tiny_checkpoint
 from helpers.images import make_image_folder, split_files
 from helpers.runs import tiny_run
 
@@ -107,6 +109,24 @@ def test_grad_cam_of_a_resnet_is_its_class_activation_map():
         raw = torch.relu(torch.einsum("k,khw->hw", net.fc.weight[c], kept["a"][i]))
         assert maps[i].shape == (3, 3)
         assert torch.allclose(maps[i], raw / raw.max().clamp_min(1e-12), atol=1e-5)
+
+
+def test_an_arch_without_a_feature_map_has_no_grad_cam_and_reports_show_the_images(monkeypatch):
+    from densenet_se.explain import gradcam_overlays
+
+    module = Classifier(2, image_size=32, model=TINY_TORCHVISION).eval()
+    monkeypatch.setattr(tv_arch, "CAM_LAYERS", ())  # as for a ViT: no layer is named
+    assert module.cam_layer() is None
+    with pytest.raises(UserError) as err:
+        GradCAM(module)
+    assert str(err.value) == (
+        "Grad-CAM needs a convolutional feature map and model.arch=torchvision (resnet18) has none; "
+        "drop gradcam=true."
+    )
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    hp = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    pictures = gradcam_overlays(module, images, torch.tensor([0, 1]), hp, torch.device("cpu"))
+    assert [p.tobytes() for p in pictures] == [img.permute(1, 2, 0).numpy().tobytes() for img in images]
 
 
 def test_a_pretrained_file_fills_the_backbone_and_the_head_starts_new(tmp_path):
@@ -234,41 +254,45 @@ def test_a_key_of_another_arch_on_the_command_line_is_one_line(tmp_path, monkeyp
     )
 
 
-# ------------------------------------------------------------------------ a trained torchvision run end to end
+# ------------------------------------------------------------ eval, predict and export on a torchvision model
+TV_SETTINGS = {"arch": "torchvision", "name": "mobilenet_v3_small"}  # TINY_TV's model
+
+
 @pytest.fixture(scope="module")
-def tv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory, "torchvision")
+def tv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-class MobileNetV3-Small checkpoint (not trained) with its split.json and images: what eval reads."""
+    return checkpoint_run(tmp_path_factory.mktemp("tv"), {"a": 3, "b": 3, "c": 3}, TV_SETTINGS)
 
 
-def test_a_torchvision_run_stores_its_settings_as_one_dict(tv_run):
-    hparams = torch.load(tv_run / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
-    assert hparams["model"] == {
+def test_eval_on_a_torchvision_checkpoint(tv_checkpoint, tmp_path):
+    ckpt = tv_checkpoint["ckpt"]
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["model"] == {
         "arch": "torchvision",
         "pretrained": None,
         "channels_last": False,
         "compile": False,
         "name": "mobilenet_v3_small",
     }
-    assert not {"name", "growth_rate", "arch"} & set(hparams)
-
-
-def test_eval_on_a_torchvision_run_reproduces_training(tv_run, tmp_path):
-    metrics = json.loads((tv_run / "metrics.json").read_text())
-    ckpt = tv_run / "checkpoints" / "best.ckpt"
     result = evaluate.run(task_cfg("eval", [f"ckpt_path={ckpt}", "top_losses=2"], output_dir=str(tmp_path)))
-    assert result["acc"] == metrics["best_val_acc"]
-    assert result["n"] == len(split_files(tv_run / "split.json", "val"))
+    # The reference: the rebuilt network's probabilities for each image, and the accuracy counted with numpy.
+    module = build_classifier(load_checkpoint(ckpt))
+    split = json.loads(tv_checkpoint["split"].read_text())
+    images = torch.stack([load_image(Path(split["root"]) / rel, 32) for rel, _ in split["val"]])
+    with torch.inference_mode():
+        expected = module(normalize(images)).softmax(dim=1).numpy()
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    got = np.array([[float(rows[rel][c]) for c in ("a", "b", "c")] for rel, _ in split["val"]])
+    assert np.allclose(got, expected, atol=1e-5)
+    labels = np.array([label for _, label in split["val"]])
+    predicted = np.array([["a", "b", "c"].index(rows[rel]["predicted"]) for rel, _ in split["val"]])
+    assert result["n"] == 9 and result["acc"] == pytest.approx(float(np.mean(predicted == labels)))
     # The report's highest-loss images carry Grad-CAM overlays of the torchvision model's feature map.
     assert (tmp_path / "report.html").is_file() and (tmp_path / "top_losses.png").is_file()
 
 
-def test_predict_with_grad_cam_on_a_torchvision_run(tv_run, tmp_path):
-    split = json.loads((tv_run / "split.json").read_text())
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for rel, _ in split["val"][:3]:
-        shutil.copy(Path(split["root"]) / rel, inbox / Path(rel).name)
-    ckpt = tv_run / "checkpoints" / "best.ckpt"
+def test_predict_with_grad_cam_on_a_torchvision_checkpoint(tv_checkpoint, tmp_path):
+    ckpt, inbox = tv_checkpoint["ckpt"], tv_checkpoint["images"] / "a"
     out = tmp_path / "p.csv"
     result = predict.run(
         task_cfg("predict", [f"ckpt_path={ckpt}", f"input={inbox}", f"output={out}", "gradcam=true"])
@@ -283,8 +307,8 @@ def test_predict_with_grad_cam_on_a_torchvision_run(tv_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_a_torchvision_run_as_onnx_and_as_torchvisions_state_dict(tv_run, tmp_path):
-    ckpt = tv_run / "checkpoints" / "best.ckpt"
+def test_export_a_torchvision_model_as_onnx_and_as_torchvisions_state_dict(tv_checkpoint, tmp_path):
+    ckpt = tv_checkpoint["ckpt"]
     module = build_classifier(load_checkpoint(ckpt))
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
@@ -311,10 +335,23 @@ def test_export_a_torchvision_run_as_onnx_and_as_torchvisions_state_dict(tv_run,
         assert torch.allclose(net(x), expected, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_training_a_torchvision_model_stores_one_settings_dict_that_eval_reproduces(
+    tmp_path_factory, tmp_path
+):
+    run_dir = tiny_run(tmp_path_factory, "torchvision")
+    hparams = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["model"]["arch"] == "torchvision" and hparams["model"]["name"] == "mobilenet_v3_small"
+    assert not {"name", "growth_rate", "arch"} & set(hparams)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    result = evaluate.run(task_cfg("eval", [f"ckpt_path={ckpt}"], output_dir=str(tmp_path)))
+    assert result["acc"] == metrics["best_val_acc"]  # exactly: the same images, batches and metric
+    assert result["n"] == len(split_files(run_dir / "split.json", "val"))
+
+
 def test_resume_checks_the_arch_and_its_layout(tmp_path):
-    run_dir = resumable_run(
-        tmp_path / "tv", settings={"arch": "torchvision", "name": "mobilenet_v3_small"}, tiny=TINY_TV
-    )
+    run_dir = resumable_run(tmp_path / "tv", settings=TV_SETTINGS, tiny=TINY_TV)
     session = prepare_resume(compose_cfg(tmp_path / "tv", [*TINY_TV, f"resume={run_dir}"]))
     assert session.cfg.model.name == "mobilenet_v3_small" and session.epoch == 5
     other = compose_cfg(tmp_path / "tv", [*TINY_TV, "model.name=resnet18", f"resume={run_dir}"])

@@ -198,6 +198,7 @@ def test_a_checkpoint_written_before_model_arch_loads_with_its_settings_nested(t
     assert rebuilt.hparams.model["se_placement"] == "head" and rebuilt.hparams.model["channels_last"] is False
 
 
+@pytest.mark.slow
 def test_eval_predict_export_and_grad_cam_work_on_a_checkpoint_written_before_model_arch(tmp_path):
     import json
 

@@ -15,7 +15,7 @@ from densenet_se import safety
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.cli import describe
 from densenet_se.errors import UserError
-from densenet_se.module import Classifier
+from densenet_se.module import DenseNetSEClassifier
 from densenet_se.safety import AtomicCheckpointIO, NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.train import run
 from helpers.config import TINY, compose_cfg
@@ -82,13 +82,13 @@ def test_training_killed_while_writing_last_ckpt_can_still_resume_and_evaluate(t
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
-    real_step = Classifier.training_step
+    real_step = DenseNetSEClassifier.training_step
 
     def diverges_in_epoch_2(self, batch, batch_idx):
         loss = real_step(self, batch, batch_idx)
         return loss * float("nan") if self.current_epoch == 1 and batch_idx == 1 else loss
 
-    monkeypatch.setattr(Classifier, "training_step", diverges_in_epoch_2)
+    monkeypatch.setattr(DenseNetSEClassifier, "training_step", diverges_in_epoch_2)
     checkpoints = tmp_path / "run" / "checkpoints"
     with pytest.raises(UserError) as err:
         run(tiny_cfg(tmp_path, "trainer.max_epochs=3"))

@@ -90,8 +90,17 @@ def test_state_dict_keys_do_not_depend_on_compile_flag():
     assert set(make().state_dict()) == set(make(model={**TINY_MODEL, "compile": True}).state_dict())
 
 
-def test_the_old_name_is_the_same_class_and_model_keys_of_another_arch_are_refused():
+def test_the_old_name_and_flat_settings_build_the_same_module_and_other_archs_keys_are_refused():
     assert DenseNetSEClassifier is Classifier
+    torch.manual_seed(0)
+    nested = make()
+    torch.manual_seed(0)  # code written before model.arch passes the settings one by one
+    flat = DenseNetSEClassifier(num_classes=3, class_names=["a", "b", "c"], image_size=32, **TINY_MODEL)
+    assert flat.hparams.model == nested.hparams.model and "growth_rate" not in flat.hparams
+    assert flat.state_dict().keys() == nested.state_dict().keys()
+    assert all(torch.equal(v, nested.state_dict()[k]) for k, v in flat.state_dict().items())
+    with pytest.raises(ValueError, match=r"^model.lrr is not a setting of model.arch=densenet_se"):
+        make(lrr=0.1)  # a misspelt keyword is not swallowed
     with pytest.raises(
         ValueError, match=r"^model.name is not a setting of model.arch=densenet_se; its settings"
     ):

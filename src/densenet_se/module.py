@@ -64,6 +64,7 @@ class Classifier(L.LightningModule):
     Args:
         model: the model.* settings, one plain dict ({"arch": ..., <that arch's keys>}; missing keys take the
             arch's defaults, no arch means densenet_se); stored as it is in the checkpoint's hyper_parameters.
+        flat_model: the same settings given one by one (`growth_rate=12`), merged into `model`.
     """
 
     def __init__(
@@ -85,8 +86,11 @@ class Classifier(L.LightningModule):
         class_weights: list[float] | None = None,
         freeze_epochs: int = 0,
         backbone_lr_mult: float = 1.0,
+        **flat_model: Any,
     ) -> None:
         super().__init__()
+        if flat_model:  # settings passed one by one, as code written before model.arch does (growth_rate=...)
+            model = {**(model or {}), **flat_model}
         # Checked (types, ranges, sizes) before anything is allocated: the values may come from someone else's
         # checkpoint. The arch fills in its defaults and gives plain values back.
         settings = backbones.checked(num_classes, image_size, model)
@@ -287,7 +291,7 @@ class Classifier(L.LightningModule):
         return None if name is None else self.model.get_submodule(name)
 
 
-# The name before other archs existed: old imports keep working (the model settings now come as `model=`).
+# The name before other archs existed: old imports and calls (settings one by one) keep working.
 DenseNetSEClassifier = Classifier
 
 
