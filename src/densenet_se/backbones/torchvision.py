@@ -40,10 +40,11 @@ class TorchvisionConfig(ModelSettings):
 
 
 # Builder arguments two models need: no auxiliary classifiers (extra training outputs with a loss of their own),
-# torchvision's current initialisation (without its FutureWarning), and no input re-normalisation (the data
-# module normalises with ImageNet statistics, as every other torchvision model expects).
+# torchvision's current initialisation (without its FutureWarning), and their input re-normalisation: the data
+# module normalises with ImageNet statistics and their ImageNet weights were trained on (x - 0.5) / 0.5, which
+# transform_input converts to. Always on, pretrained or not, so that a rebuilt network computes the same.
 _BUILDER_KWARGS = {
-    name: {"aux_logits": False, "init_weights": True, "transform_input": False}
+    name: {"aux_logits": False, "init_weights": True, "transform_input": True}
     for name in ("googlenet", "inception_v3")
 }
 # Their ImageNet files still hold those auxiliary classifiers: not loaded, and no reason to refuse the file.
