@@ -350,6 +350,7 @@ def test_training_a_torchvision_model_stores_one_settings_dict_that_eval_reprodu
     assert result["n"] == len(split_files(run_dir / "split.json", "val"))
 
 
+@pytest.mark.slow
 def test_resume_checks_the_arch_and_its_layout(tmp_path):
     run_dir = resumable_run(tmp_path / "tv", settings=TV_SETTINGS, tiny=TINY_TV)
     session = prepare_resume(compose_cfg(tmp_path / "tv", [*TINY_TV, f"resume={run_dir}"]))
