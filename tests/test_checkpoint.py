@@ -14,7 +14,7 @@ import torch
 from densenet_se.checkpoint import build_classifier, load_checkpoint, run_dir_of
 from densenet_se.errors import UserError
 from helpers.config import ROOT
-from helpers.crafted import tiny_checkpoint
+from helpers.crafted import checkpoint_run, legacy_checkpoint, tiny_checkpoint
 from helpers.runs import run_cli, subprocess_env
 
 
@@ -39,12 +39,14 @@ class TouchesFile:
 
 
 def test_round_trip_rebuilds_the_same_network_in_eval_mode(tmp_path):
-    original = tiny_checkpoint(tmp_path / "x.ckpt", pretrained=str(tmp_path / "gone.pt"), compile=True)
+    original = tiny_checkpoint(
+        tmp_path / "x.ckpt", model={"pretrained": str(tmp_path / "gone.pt"), "compile": True}
+    )
     ckpt = load_checkpoint(tmp_path / "x.ckpt")
     module = build_classifier(ckpt)
     assert not module.training
     # pretrained and compile are ignored: the weights are the checkpoint's and no file is read.
-    assert module.hparams.pretrained is None and module.hparams.compile is False
+    assert module.hparams.model["pretrained"] is None and module.hparams.model["compile"] is False
     assert module.hparams.class_names == ["a", "b", "c"]
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
@@ -123,7 +125,7 @@ def test_bad_files_give_one_sentence(tmp_path, kind, expected):
 
 
 def test_weights_that_do_not_fit_the_hparams_are_one_sentence(tmp_path):
-    tiny_checkpoint(tmp_path / "x.ckpt", growth_rate=6)
+    tiny_checkpoint(tmp_path / "x.ckpt", model={"growth_rate": 6})
     with pytest.raises(
         UserError, match=r"^checkpoint x's weights do not fit the model its hyper_parameters describe \("
     ):
@@ -176,3 +178,45 @@ def test_predict_py_refuses_a_malicious_checkpoint_in_a_fresh_process(tmp_path):
         proc.stderr
     )
     assert not marker.exists()
+
+
+def test_a_checkpoint_written_before_model_arch_loads_with_its_settings_nested(tmp_path):
+    original = legacy_checkpoint(tmp_path / "old.ckpt")
+    raw = torch.load(tmp_path / "old.ckpt", weights_only=True)["hyper_parameters"]
+    assert "model" not in raw and raw["growth_rate"] == 4 and raw["se_reduction"] == 2  # the old, flat layout
+    hparams = load_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]
+    assert hparams["model"] == {**original.hparams.model, "arch": "densenet_se"}
+    assert not {"growth_rate", "block_config", "channels_last", "pretrained"} & set(hparams)
+    module = build_classifier(load_checkpoint(tmp_path / "old.ckpt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(module(x), original(x))
+    # Older still: settings that came later take today's defaults.
+    later = ("se_placement", "memory_efficient", "channels_last", "compile", "pretrained")
+    legacy_checkpoint(tmp_path / "older.ckpt", drop=later)
+    rebuilt = build_classifier(load_checkpoint(tmp_path / "older.ckpt"))
+    assert rebuilt.hparams.model["se_placement"] == "head" and rebuilt.hparams.model["channels_last"] is False
+
+
+@pytest.mark.slow
+def test_eval_predict_export_and_grad_cam_work_on_a_checkpoint_written_before_model_arch(tmp_path):
+    import json
+
+    import densenet_se.evaluate as evaluate
+    import densenet_se.export as export
+    import densenet_se.predict as predict
+    from helpers.config import task_cfg
+
+    paths = checkpoint_run(tmp_path, {"a": 2, "b": 2, "c": 2})
+    legacy_checkpoint(paths["ckpt"])  # the same weights, in the old layout
+    ckpt = f"ckpt_path={paths['ckpt']}"
+    metrics = evaluate.run(task_cfg("eval", [ckpt, "top_losses=2"], output_dir=str(tmp_path / "eval")))
+    assert metrics["n"] == 6 and (tmp_path / "eval" / "top_losses.png").is_file()
+    out = tmp_path / "p" / "p.csv"
+    result = predict.run(
+        task_cfg("predict", [ckpt, f"input={paths['images']}", f"output={out}", "gradcam=true"])
+    )
+    assert len(result["rows"]) == 6 and len(list((tmp_path / "p" / "gradcam").rglob("*.png"))) == 6
+    export.run(task_cfg("export", [ckpt, "format=state_dict"], output_dir=str(tmp_path / "x")))
+    side = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert side["arch"] == "densenet_se" and side["model"]["growth_rate"] == 4

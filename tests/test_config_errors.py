@@ -9,11 +9,12 @@ from dataclasses import fields
 import pytest
 
 from densenet_se import config
+from densenet_se.backbones.densenet_se import DenseNetSEConfig
+from densenet_se.backbones.torchvision import TorchvisionConfig
 from densenet_se.config import (
     AugmentConfig,
     DataConfig,
     EmaConfig,
-    ModelConfig,
     OptimConfig,
     TrainConfig,
     TuneConfig,
@@ -23,7 +24,7 @@ from densenet_se.config import (
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 from helpers.config import compose_cfg
 from helpers.runs import run_train
 
@@ -122,7 +123,8 @@ def test_every_range_and_choice_is_tested():
 def test_every_numeric_key_is_range_checked():
     for prefix, schema in (
         ("data.", DataConfig),
-        ("model.", ModelConfig),
+        ("model.", DenseNetSEConfig),
+        ("model.", TorchvisionConfig),
         ("optim.", OptimConfig),
         ("", TrainConfig),
         ("augment.", AugmentConfig),
@@ -159,7 +161,7 @@ def test_unknown_choices_list_the_allowed_ones(base_cfg, key):
 OWNERS = {
     "data": (lambda tmp, **kw: ImageFolderDataModule(root=str(tmp), **kw), UserError, ""),
     "model": (lambda tmp, **kw: DenseNetSE(2, **kw), ValueError, "model."),
-    "optim": (lambda tmp, **kw: DenseNetSEClassifier(2, block_config=[1], **kw), UserError, ""),
+    "optim": (lambda tmp, **kw: Classifier(2, model={"block_config": [1]}, **kw), UserError, ""),
 }
 
 
@@ -265,7 +267,12 @@ def _typos(name: str) -> list[str]:
 def test_a_mistyped_key_names_the_closest_valid_one():
     keys = [
         f"{p}{f.name}"
-        for p, s in (("data.", DataConfig), ("model.", ModelConfig), ("optim.", OptimConfig))
+        for p, s in (
+            ("data.", DataConfig),
+            ("model.", DenseNetSEConfig),
+            ("model.", TorchvisionConfig),
+            ("optim.", OptimConfig),
+        )
         for f in fields(s)
     ]
     keys += [f.name for f in fields(TrainConfig) if f.name not in ("data", "model", "optim")]

@@ -21,7 +21,7 @@ import densenet_se.predict as predict
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.config import compose_train_config
 from densenet_se.data.images import load_image, normalize
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 from helpers.config import CONF, ROOT, TINY, task_cfg
 from helpers.images import make_image_folder, split_files
 from helpers.runs import run_cli, tiny_run
@@ -212,8 +212,8 @@ def bad_files(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """A three-class checkpoint with its split.json, a run copy without validation images, broken JSON files."""
     base = tmp_path_factory.mktemp("bad_inputs")
     torch.manual_seed(0)
-    three = DenseNetSEClassifier(
-        3, ["a", "b", "c"], 32, growth_rate=4, block_config=[1, 1], num_init_features=8
+    three = Classifier(
+        3, ["a", "b", "c"], 32, model={"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8}
     )
     (base / "three" / "checkpoints").mkdir(parents=True)
     ckpt = {"state_dict": three.state_dict(), "hyper_parameters": dict(three.hparams), "epoch": 0}

@@ -9,7 +9,7 @@ from densenet_se.checkpoint import load_checkpoint
 from densenet_se.config import validate
 from densenet_se.errors import UserError
 from densenet_se.models import DenseNetSE
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 from densenet_se.train import run
 from helpers.config import TINY, compose_cfg
 from helpers.images import make_image_folder
@@ -34,9 +34,7 @@ def test_experiment_composes_the_recipe(tmp_path):
 
 
 def test_head_trains_at_lr_and_backbone_at_its_share():
-    module = DenseNetSEClassifier(
-        num_classes=3, lr=0.01, backbone_lr_mult=0.1, se_placement="blocks", **LAYOUT
-    )
+    module = Classifier(3, lr=0.01, backbone_lr_mult=0.1, model={**LAYOUT, "se_placement": "blocks"})
     groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
     assert groups["head"]["lr"] == 0.01 and groups["backbone"]["lr"] == pytest.approx(0.001)
     names = {id(p): n for n, p in module.model.named_parameters()}
@@ -45,7 +43,7 @@ def test_head_trains_at_lr_and_backbone_at_its_share():
     assert head == sorted(n for n in names.values() if n.startswith((*HEAD, "features.se")))
     assert sorted(head + backbone) == sorted(names.values())  # every parameter exactly once
     assert any(n.startswith("features.se1.") for n in head)  # SE inside the blocks is head too
-    plain = DenseNetSEClassifier(num_classes=3, lr=0.01, **LAYOUT).configure_optimizers()
+    plain = Classifier(3, lr=0.01, model=LAYOUT).configure_optimizers()
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.01
 
 

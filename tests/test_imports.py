@@ -129,11 +129,23 @@ def test_models_and_data_import_nothing_of_the_training_stack():
                 assert not outside, f"{name} imports {sorted(outside)}"
 
 
+def test_backbones_import_only_themselves_the_networks_and_the_leaves():
+    allowed = ("densenet_se.backbones", "densenet_se.models", "densenet_se.checks", "densenet_se.errors")
+    graph = import_graph(PACKAGE)
+    for name, edges in graph.items():
+        if name.startswith("densenet_se.backbones"):
+            assert all(e.startswith(allowed) for e in edges), f"{name} imports {sorted(edges)}"
+
+
 @pytest.mark.subprocess
 def test_entry_point_plumbing_loads_without_torch():
+    # Registering the schemas imports every arch module of densenet_se.backbones: none may import torch.
     code = (
         "import sys, densenet_se.cli, densenet_se.resolvers, densenet_se.overrides\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'torchmetrics')))"
+        "densenet_se.cli.register()\n"
+        "assert set(densenet_se.backbones.registry()) == {'densenet_se', 'torchvision'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'lightning', "
+        "'torchmetrics')))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,7 @@ from densenet_se.metrics import (
     logged,
     summary_keys,
 )
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 
 
 def _sample(k: int, n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,9 @@ def test_every_list_of_metric_names_comes_from_metrics():
     test_columns = [f"test_{m.name}" for m in METRICS if "test" in m.stages]
     assert [c for c in sweep.CSV_COLUMNS if c.startswith(("test_", "best_val"))] == [BEST_KEY, *test_columns]
     assert [key for key, _ in folds.FOLD_METRICS] == list(summary_keys()) == [BEST_KEY, *test_columns]
-    module = DenseNetSEClassifier(3, growth_rate=4, block_config=[1], num_init_features=8, se_reduction=2)
+    module = Classifier(
+        3, model={"growth_rate": 4, "block_config": [1], "num_init_features": 8, "se_reduction": 2}
+    )
     for stage, collection in (
         ("train", module.train_metrics),
         ("val", module.val_metrics),

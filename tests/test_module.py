@@ -1,4 +1,4 @@
-"""DenseNetSEClassifier without a Trainer: loss options, optimisers, schedules, plain hyperparameters."""
+"""The Classifier without a Trainer: loss options, optimisers, schedules, plain hyperparameters."""
 
 from __future__ import annotations
 
@@ -6,25 +6,29 @@ import pytest
 import torch
 
 from densenet_se.errors import UserError
-from densenet_se.module import SCHEDULERS, DenseNetSEClassifier
+from densenet_se.module import SCHEDULERS, Classifier, DenseNetSEClassifier
+from helpers.crafted import TINY_MODEL
 
-TINY = dict(growth_rate=4, block_config=[1, 1], num_init_features=8, se_reduction=2, image_size=32)
 
-
-def make(**kwargs) -> DenseNetSEClassifier:
-    return DenseNetSEClassifier(num_classes=3, class_names=["a", "b", "c"], **{**TINY, **kwargs})
+def make(**kwargs) -> Classifier:
+    return Classifier(
+        num_classes=3, class_names=["a", "b", "c"], image_size=32, **{"model": TINY_MODEL, **kwargs}
+    )
 
 
 def test_hparams_are_plain_python_values():
-    module = make(block_config=(1, 1), class_weights=(1, 2, 3))
+    module = make(model={**TINY_MODEL, "block_config": (1, 1)}, class_weights=(1, 2, 3))
     hp = dict(module.hparams)
-    assert hp["block_config"] == [1, 1] and hp["class_weights"] == [1.0, 2.0, 3.0]
+    assert hp["model"]["block_config"] == [1, 1] and hp["class_weights"] == [1.0, 2.0, 3.0]
+    # One nested dict of the arch's settings, every key of it (the defaults filled in).
+    assert hp["model"]["arch"] == "densenet_se" and hp["model"]["se_placement"] == "head"
 
     def plain(v):
         return (
             v is None
             or isinstance(v, (bool, int, float, str))
             or (isinstance(v, list) and all(plain(x) for x in v))
+            or (isinstance(v, dict) and all(isinstance(k, str) and plain(x) for k, x in v.items()))
         )
 
     assert all(plain(v) for v in hp.values()), hp
@@ -83,4 +87,25 @@ def test_predict_step_returns_probabilities():
 
 @pytest.mark.slow
 def test_state_dict_keys_do_not_depend_on_compile_flag():
-    assert set(make().state_dict()) == set(make(compile=True).state_dict())
+    assert set(make().state_dict()) == set(make(model={**TINY_MODEL, "compile": True}).state_dict())
+
+
+def test_the_old_name_and_flat_settings_build_the_same_module_and_other_archs_keys_are_refused():
+    assert DenseNetSEClassifier is Classifier
+    torch.manual_seed(0)
+    nested = make()
+    torch.manual_seed(0)  # code written before model.arch passes the settings one by one
+    flat = DenseNetSEClassifier(num_classes=3, class_names=["a", "b", "c"], image_size=32, **TINY_MODEL)
+    assert flat.hparams.model == nested.hparams.model and "growth_rate" not in flat.hparams
+    assert flat.state_dict().keys() == nested.state_dict().keys()
+    assert all(torch.equal(v, nested.state_dict()[k]) for k, v in flat.state_dict().items())
+    with pytest.raises(ValueError, match=r"^model.lrr is not a setting of model.arch=densenet_se"):
+        make(lrr=0.1)  # a misspelt keyword is not swallowed
+    with pytest.raises(
+        ValueError, match=r"^model.name is not a setting of model.arch=densenet_se; its settings"
+    ):
+        make(model={"name": "resnet18"})
+    with pytest.raises(
+        ValueError, match=r"^model.arch='resnet' is not allowed; choose one of: densenet_se, "
+    ):
+        make(model={"arch": "resnet"})

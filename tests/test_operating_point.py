@@ -19,7 +19,7 @@ from sklearn.metrics import (
 from densenet_se import operating_point as op
 from densenet_se.errors import UserError
 from densenet_se.inference import combine, view_logits
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 
 
 def two_class(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,8 +137,8 @@ def test_operating_point_file_must_match_classes_tta_and_temperature(tmp_path):
 
 def test_tta_on_a_flip_invariant_image_changes_nothing():
     torch.manual_seed(0)
-    module = DenseNetSEClassifier(
-        3, growth_rate=4, block_config=[1, 1], num_init_features=8, image_size=32
+    module = Classifier(
+        3, image_size=32, model={"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8}
     ).eval()
     half = torch.randint(0, 256, (4, 3, 32, 16), dtype=torch.uint8)
     mirrored = torch.cat([half, half.flip(3)], dim=3)  # left-right symmetric

@@ -258,3 +258,24 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_refused_before_any_work(tm
     ):
         run(cfg)
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+
+
+def test_a_run_from_before_model_arch_resumes_as_densenet_se(tmp_path):
+    from densenet_se.config import validate
+    from densenet_se.resume import prepare_resume
+    from helpers.crafted import legacy_checkpoint, resumable_run
+
+    run_dir = resumable_run(tmp_path)
+    legacy_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # flat hyper_parameters, no arch
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    del saved.model["arch"]  # and a config written before the key existed
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    cfg = resumed_config(compose_cfg(tmp_path, []), run_dir, ["resume=x"])
+    assert cfg.model.arch == "densenet_se" and type(cfg.model).__name__ == "DictConfig"
+    assert OmegaConf.get_type(cfg.model).__name__ == "DenseNetSEConfig" and cfg.model.growth_rate == 4
+    validate(cfg)
+    assert prepare_resume(cfg).epoch == 5  # its layout checked against the converted checkpoint
+    saved.model.arch = "resnet"
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    with pytest.raises(UserError, match=r"^model.arch='resnet' is not allowed; choose one of: densenet_se, "):
+        resumed_config(compose_cfg(tmp_path, []), run_dir, ["resume=x"])

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 from densenet_se.soft_targets import soft_cross_entropy, target_share
 
-TINY_MODEL = dict(growth_rate=4, block_config=[1, 1], num_init_features=8, se_reduction=2, image_size=32)
+TINY_MODEL = dict(growth_rate=4, block_config=[1, 1], num_init_features=8, se_reduction=2)
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ def test_training_accuracy_under_mixing_is_the_targets_share_of_the_prediction(l
 
 
 def test_the_module_trains_and_logs_on_soft_targets():
-    module = DenseNetSEClassifier(
-        num_classes=3, class_weights=[1.0, 2.0, 0.5], label_smoothing=0.1, **TINY_MODEL
+    module = Classifier(
+        3, image_size=32, class_weights=[1.0, 2.0, 0.5], label_smoothing=0.1, model=TINY_MODEL
     )
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, value)

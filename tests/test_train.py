@@ -44,7 +44,9 @@ def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
         ckpt = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)
         hp = ckpt["hyper_parameters"]
         assert hp["class_names"] == ["Monkeypox", "Others"] and hp["image_size"] == 32
-        assert hp["block_config"] == [1, 1] and isinstance(hp["block_config"], list)
+        model = hp["model"]
+        assert model["arch"] == "densenet_se" and model["block_config"] == [1, 1]
+        assert isinstance(model["block_config"], list)
     assert metrics["total_seconds"] >= sum(r["seconds"] for r in metrics["epochs"]) - 1e-6
 
 
@@ -203,17 +205,20 @@ def test_yaml_defaults_mirror_schema_and_constructors():
     import inspect
     from dataclasses import fields
 
-    from densenet_se.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig
+    from densenet_se import backbones
+    from densenet_se.backbones import COMMON_KEYS, schema_name
+    from densenet_se.config import AugmentConfig, DataConfig, OptimConfig
     from densenet_se.data import ImageFolderDataModule
     from densenet_se.models import DenseNetSE
     from densenet_se.models.densenet import MODEL_KEYS
-    from densenet_se.module import DenseNetSEClassifier
+    from densenet_se.module import Classifier
 
+    arch_files = [(f"model/{b.config}", b.schema) for b in backbones.registry().values()]
     for yaml_name, schema in (
         ("data/imagefolder", DataConfig),
-        ("model/densenet121_se", ModelConfig),
         ("optim/adam", OptimConfig),
         ("augment/none", AugmentConfig),
+        *arch_files,
     ):
         node = OmegaConf.load(CONF / f"{yaml_name}.yaml")
         default = OmegaConf.structured(schema)
@@ -221,11 +226,13 @@ def test_yaml_defaults_mirror_schema_and_constructors():
             if key == "cache_dir":
                 continue  # interpolated to the project's cache dir
             assert node[key] == default[key], f"{yaml_name}.{key}"
-        assert set(node) == set(default), yaml_name
+        assert set(node) - {"defaults"} == set(default), yaml_name
+    for backbone in backbones.registry().values():  # each arch's file extends its schema
+        node = OmegaConf.load(CONF / "model" / f"{backbone.config}.yaml")
+        assert list(node.defaults) == [schema_name(backbone.arch), "_self_"], backbone.arch
     for schema, ctor in (
         (DataConfig, ImageFolderDataModule.__init__),
-        (ModelConfig, DenseNetSEClassifier.__init__),
-        (OptimConfig, DenseNetSEClassifier.__init__),
+        (OptimConfig, Classifier.__init__),
     ):
         params = inspect.signature(ctor).parameters
         for key, value in OmegaConf.to_container(OmegaConf.structured(schema)).items():
@@ -233,14 +240,15 @@ def test_yaml_defaults_mirror_schema_and_constructors():
             default = params[key].default
             default = list(default) if isinstance(default, tuple) else default
             assert default == value, f"{schema.__name__}.{key}: {default!r} != {value!r}"
-    # model.* is the network's arguments (MODEL_KEYS, from its signature) plus the classifier's own two.
-    assert [f.name for f in fields(ModelConfig)] == [*MODEL_KEYS, "channels_last", "compile"]
+    # densenet_se's model.* is the network's arguments (MODEL_KEYS, from its signature) plus what every arch has,
+    # with DenseNetSE's defaults; the Lightning module repeats none of them (it takes them as one `model` dict).
+    schema = backbones.get("densenet_se").schema
+    assert [f.name for f in fields(schema)] == [*COMMON_KEYS, *(k for k in MODEL_KEYS if k != "pretrained")]
     model_params = inspect.signature(DenseNetSE.__init__).parameters
     for key in MODEL_KEYS:
         default = model_params[key].default
-        assert (list(default) if isinstance(default, tuple) else default) == OmegaConf.structured(
-            ModelConfig
-        )[key]
+        assert (list(default) if isinstance(default, tuple) else default) == OmegaConf.structured(schema)[key]
+    assert not set(inspect.signature(Classifier.__init__).parameters) & set(backbones.model_keys())
 
 
 def test_experiment_configs_compose(tmp_path):

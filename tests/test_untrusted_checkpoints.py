@@ -20,6 +20,7 @@ from densenet_se.errors import UserError
 from densenet_se.models.densenet import DenseNetSE, parameter_count
 from helpers.config import ROOT
 from helpers.crafted import (
+    TINY_TORCHVISION,
     Storage,
     Tensor,
     deflate_bomb,
@@ -34,16 +35,22 @@ from helpers.runs import run_cli, subprocess_env
 # hyper_parameters a hostile tester tried (and variants of them), with what the refusal must name.
 CRAFTED_HPARAMS = {
     "layers": (
-        {"block_config": [1_000_000]},
+        {"model": {"block_config": [1_000_000]}},
         "it must be a non-empty list of integers >= 1, at most 1000 layers in all",
     ),
     "many_blocks": (
-        {"block_config": [1] * 5000},
+        {"model": {"block_config": [1] * 5000}},
         "it must be a non-empty list of integers >= 1, at most 1000 layers in all",
     ),
-    "parameters": ({"block_config": [900], "growth_rate": 64}, "parameters, more than the 2e+08 allowed"),
-    "wide_stem": ({"num_init_features": 2000, "image_size": 4096}, "GiB of activations per image"),
-    "huge_int": ({"growth_rate": 2**200}, "parameters, more than the 2e+08 allowed"),
+    "parameters": (
+        {"model": {"block_config": [900], "growth_rate": 64}},
+        "parameters, more than the 2e+08 allowed",
+    ),
+    "wide_stem": (
+        {"model": {"num_init_features": 2000}, "image_size": 4096},
+        "GiB of activations per image",
+    ),
+    "huge_int": ({"model": {"growth_rate": 2**200}}, "parameters, more than the 2e+08 allowed"),
     "image_size": ({"image_size": 20_000}, "its image_size must be an integer in [32, 4096], got 20000"),
     "image_size_str": ({"image_size": "224"}, "its image_size must be an integer in [32, 4096], got '224'"),
     "image_size_bool": ({"image_size": True}, "its image_size must be an integer"),
@@ -58,12 +65,41 @@ CRAFTED_HPARAMS = {
     "classes_not_str": ({"class_names": [1, 2, 3]}, "its class_names must be distinct non-empty strings"),
     "num_classes_str": ({"num_classes": "3"}, "its num_classes must be an integer >= 2, got '3'"),
     "num_classes_huge": ({"num_classes": 10**9}, "its class_names must be a list of num_classes=1000000000"),
-    "se_placement": ({"se_placement": ["head"]}, "is not allowed; choose one of: head, blocks, none"),
-    "memory_efficient": ({"memory_efficient": "no"}, "memory_efficient must be true or false"),
-    "channels_last": ({"channels_last": 1}, "its channels_last must be true or false"),
+    "se_placement": (
+        {"model": {"se_placement": ["head"]}},
+        "is not allowed; choose one of: head, blocks, none",
+    ),
+    "memory_efficient": ({"model": {"memory_efficient": "no"}}, "memory_efficient must be true or false"),
+    "channels_last": ({"model": {"channels_last": 1}}, "channels_last must be true or false, got 1"),
     "compression": (
-        {"compression_rate": float("nan")},
+        {"model": {"compression_rate": float("nan")}},
         "compression_rate=nan is out of range; it must be a number in (0, 1]",
+    ),
+    "model_not_dict": ({"model": "densenet_se"}, "its model settings must be a dict of named values"),
+    "arch_unknown": (
+        {"model": {"arch": "os.system"}},
+        "model.arch='os.system' is not allowed; choose one of: densenet_se, torchvision",
+    ),
+    # model.arch=torchvision: only a name torchvision lists is ever built, and it is sized on the meta device.
+    "tv_name": (
+        {"model": {"arch": "torchvision", "name": "builtins.exec"}},
+        "name='builtins.exec' is out of range; it must be the name of a torchvision classification model",
+    ),
+    "tv_classes": (
+        {
+            "model": {"arch": "torchvision", "name": "vgg11"},
+            "num_classes": 20_000,
+            "class_names": [f"c{i}" for i in range(20_000)],
+        },
+        "torchvision's vgg11 with 20000 classes has 2.11e+08 parameters, more than the 2e+08 allowed",
+    ),
+    "tv_activations": (
+        {"model": {"arch": "torchvision", "name": "vgg11"}, "image_size": 4096},
+        "image_size=4096 with torchvision's vgg11 needs about 12 GiB of activations per image",
+    ),
+    "tv_size": (
+        {"model": {"arch": "torchvision", "name": "vit_b_16"}},
+        "torchvision's vit_b_16 cannot take 32 px images (AssertionError: Wrong image height!",
     ),
 }
 
@@ -194,7 +230,7 @@ def test_entry_points_refuse_crafted_checkpoints_with_exit_2(tmp_path, monkeypat
 
 
 def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
-    """Each crafted file would need 3 GiB or more; under a 768 MiB allowance each is refused with exit 2."""
+    """Each crafted file would need 2 GiB or more; under a 768 MiB allowance each is refused with exit 2."""
     images = tmp_path / "images"
     images.mkdir()
     files = {
@@ -202,9 +238,13 @@ def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
         "layers": tmp_path / "layers.ckpt",
         "image_size": tmp_path / "image_size.ckpt",
         "wide_stem": tmp_path / "wide_stem.ckpt",
+        "tv_head": tmp_path / "tv_head.ckpt",
     }
     for name in ("layers", "image_size", "wide_stem"):
         tiny_checkpoint(files[name], **CRAFTED_HPARAMS[name][0])
+    # torchvision's ResNet-18 for a million classes: a 2 GB classifier layer, were it ever allocated.
+    names = [str(i) for i in range(10**6)]
+    tiny_checkpoint(files["tv_head"], model=TINY_TORCHVISION, num_classes=len(names), class_names=names)
     runs: list[str] = []
     for tool, name in [
         ("predict", "bomb"),
@@ -213,6 +253,7 @@ def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
         ("predict", "layers"),
         ("predict", "image_size"),
         ("predict", "wide_stem"),
+        ("predict", "tv_head"),
     ]:
         runs += ["--", tool, f"ckpt_path={files[name]}", f"hydra.run.dir={tmp_path / 'out' / name}"]
         runs += [f"input={images}"] if tool == "predict" else []
@@ -227,7 +268,7 @@ def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
         timeout=600,
     )
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 6, proc.stdout + proc.stderr
+    assert len(results) == 7, proc.stdout + proc.stderr
     for result in results:
         lines = [line for line in result["stderr"].splitlines() if line.strip()]
         assert result["code"] == 2 and len(lines) == 1, result

@@ -12,17 +12,18 @@ import inspect
 import logging
 import pickle
 import re
+from dataclasses import fields
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from densenet_se import backbones
 from densenet_se.archive import ArchiveError, load_archive
 from densenet_se.data.images import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from densenet_se.errors import UserError, shown
-from densenet_se.models.densenet import check_feature_bytes, check_layout
-from densenet_se.module import MODEL_KEYS, DenseNetSEClassifier
+from densenet_se.module import Classifier
 
 log = logging.getLogger("densenet_se")
 
@@ -76,6 +77,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"{path} is not a densenet-se checkpoint (its hyper_parameters lack {', '.join(missing)}); {HINT}."
         )
+    ckpt["hyper_parameters"] = hparams = upgrade_hparams(hparams)
     try:
         check_hparams(hparams)
         _check_progress(ckpt)
@@ -138,19 +140,34 @@ def check_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         "mean": _numbers("mean", hparams["mean"], 0.0, 1.0),
         "std": _numbers("std", hparams["std"], MIN_STD, 1.0),
     }
-    defaults = inspect.signature(DenseNetSEClassifier.__init__).parameters
-    model = {k: hparams.get(k, defaults[k].default) for k in MODEL_KEYS if k != "pretrained"}
+    model = hparams.get("model")
+    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
+        raise ValueError(f"its model settings must be a dict of named values, got {shown(model)}")
     try:
-        layout = check_layout(num_classes, **model)
-        check_feature_bytes(image_size, **layout)
+        model = backbones.checked(num_classes, image_size, _known_settings(model))
     except ValueError as err:
         raise ValueError(
             f"its hyper_parameters describe a model this version refuses to build ({str(err).rstrip('.')})"
         ) from None
-    channels_last = hparams.get("channels_last", False)
-    if not isinstance(channels_last, bool):
-        raise ValueError(f"its channels_last must be true or false, got {shown(channels_last)}")
-    return {**inference, **model, "channels_last": channels_last}
+    return {**inference, "model": model}
+
+
+def _known_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `model` its arch knows (a newer version's extra ones are left out); ValueError for an
+    arch that is not registered."""
+    known = backbones.get(model.get("arch", backbones.DEFAULT_ARCH)).defaults()
+    return {k: v for k, v in model.items() if k in known}
+
+
+def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """hyper_parameters in today's layout. Checkpoints written before model.arch existed hold DenseNetSE's settings
+    flat at the top level (growth_rate, block_config, ...); they move, as they are, under `model` with
+    arch=densenet_se, and settings they lack take today's defaults when the model is built."""
+    if "model" in hparams:
+        return hparams
+    flat = [f.name for f in fields(backbones.get(backbones.DEFAULT_ARCH).schema) if f.name != "arch"]
+    model = {"arch": backbones.DEFAULT_ARCH, **{k: hparams[k] for k in flat if k in hparams}}
+    return {**{k: v for k, v in hparams.items() if k not in flat}, "model": model}
 
 
 def _check_progress(ckpt: dict[str, Any]) -> None:
@@ -166,11 +183,16 @@ def _check_progress(ckpt: dict[str, Any]) -> None:
         raise ValueError(f"its val_acc_best must be a number in [0, 1] or null, got {shown(best)}")
 
 
-def build_classifier(ckpt: dict[str, Any], source: str = "the checkpoint") -> DenseNetSEClassifier:
-    """A DenseNetSEClassifier rebuilt from `ckpt["hyper_parameters"]` with its weights, on the CPU, in eval mode."""
-    params = inspect.signature(DenseNetSEClassifier.__init__).parameters
-    hparams = ckpt["hyper_parameters"]
+def build_classifier(ckpt: dict[str, Any], source: str = "the checkpoint") -> Classifier:
+    """The Classifier rebuilt from `ckpt["hyper_parameters"]` with its weights, on the CPU, in eval mode."""
+    params = inspect.signature(Classifier.__init__).parameters
+    hparams = upgrade_hparams(ckpt["hyper_parameters"])
     unknown = sorted(str(k) for k in hparams if k not in params)
+    given = hparams.get("model")
+    try:
+        unknown += sorted(f"model.{k}" for k in set(given) - set(_known_settings(given)))
+    except (ValueError, TypeError, AttributeError):
+        pass  # not a dict, or an arch that is not registered: check_hparams says so below
     if unknown:  # a newer version's extra settings: the weights still define the network
         log.warning(
             "ignoring hyper_parameters this version does not know: %s", shown(", ".join(unknown), 200)
@@ -180,7 +202,7 @@ def build_classifier(ckpt: dict[str, Any], source: str = "the checkpoint") -> De
         # The weights come from the checkpoint: never read the pretrained source (a file that may be gone, or
         # the network). compile only costs start-up time for inference.
         kwargs = check_hparams(hparams)
-        module = DenseNetSEClassifier(**kwargs, pretrained=None, compile=False)
+        module = Classifier(**kwargs | {"model": kwargs["model"] | {"pretrained": None, "compile": False}})
     except (UserError, ValueError, TypeError) as err:
         raise UserError(
             f"{source} has hyper_parameters this version cannot build a model from: {err}"

@@ -254,6 +254,9 @@ def describe(ex: BaseException, schema: Any = None) -> str:
     cause = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         key = str(cause.full_key)
+        other_arch = config.unknown_model_setting(key, getattr(cause, "object_type", None))
+        if other_arch:  # model.* is typed by the chosen arch's schema
+            return other_arch
         close = config.closest_key(key, schema or config.TrainConfig)
         if close == key:  # a real argument that the YAML does not list
             return f"{key} is not in the config; add it with +{key}=VALUE"

@@ -1,7 +1,8 @@
 """Typed config schemas (registered in Hydra's ConfigStore) and the start-up range checks.
 
 The dataclasses are the single source of defaults for the `data`, `model` and `optim` groups; the YAML files in
-`conf/` mirror them with comments, and a test keeps the two (and the constructors) in step.
+`conf/` mirror them with comments, and a test keeps the two (and the constructors) in step. `model` is typed by
+its arch's schema (densenet_se.backbones): each conf/model/ file extends `<arch>_schema` in its defaults list.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from densenet_se import backbones
+from densenet_se.backbones import DEFAULT_ARCH, ModelSettings, schema_name
 from densenet_se.checks import Range, Rule, problem
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
@@ -43,22 +46,6 @@ class DataConfig:
     fold: int = 0
     group_pattern: str | None = None
     groups: str | None = None
-
-
-@dataclass
-class ModelConfig:
-    growth_rate: int = 32
-    block_config: list[int] = field(default_factory=lambda: [6, 12, 24, 16])
-    num_init_features: int = 64
-    bn_size: int = 4
-    compression_rate: float = 0.5
-    drop_rate: float = 0.0
-    se_reduction: int = 8
-    se_placement: str = "head"
-    memory_efficient: bool = False
-    pretrained: str | None = None
-    channels_last: bool = False
-    compile: bool = False
 
 
 @dataclass
@@ -128,7 +115,8 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The arch's schema (a ModelSettings subclass) comes with the conf/model/ file that is chosen.
+    model: ModelSettings = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -225,6 +213,8 @@ def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (`conf/train.yaml` extends `train_schema`); idempotent."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for backbone in backbones.registry().values():
+        cs.store(group="model", name=schema_name(backbone.arch), node=backbone.schema)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
@@ -281,19 +271,19 @@ _RULES: dict[str, Rule] = {
 }
 
 
-def rules() -> dict[str, Rule]:
-    """Every checked key of the train config (`data.image_size`, ...) and its allowed values, each read from the
-    code that uses the value (the data module, the recipes, ...) except the run's own and the trainer's."""
+def rules(arch: str = DEFAULT_ARCH) -> dict[str, Rule]:
+    """Every checked key of the train config (`data.image_size`, ...) with model.arch=`arch` and its allowed
+    values, each read from the code that uses the value (the data module, the arch, the recipes, ...) except the
+    run's own and the trainer's."""
     # Imported here: they need torch and Lightning, and a config error is reported before those load.
     from densenet_se import ema, finetune, tune
     from densenet_se.data import augment, mixing
     from densenet_se.data.datamodule import ALLOWED as DATA
-    from densenet_se.models.densenet import ALLOWED as MODEL
     from densenet_se.module import ALLOWED as OPTIM
 
     owners = [
         ("data", DATA),
-        ("model", MODEL),
+        ("model", backbones.get(arch).allowed()),
         ("optim", OPTIM),
         ("optim", finetune.ALLOWED),
         ("augment", augment.ALLOWED),
@@ -312,9 +302,35 @@ def _cross_checks() -> list[Any]:
     return [augment.check, tune.check, finetune.check]
 
 
+def arch_of(model: Any) -> backbones.Backbone:
+    """The registered arch a config's `model` node names (none: densenet_se, as before model.arch); UserError."""
+    named = OmegaConf.is_dict(model) or isinstance(model, dict)
+    try:
+        return backbones.get(model.get("arch", DEFAULT_ARCH) if named else DEFAULT_ARCH)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def check_arch(model: Any) -> backbones.Backbone:
+    """The arch of a config's `model` node, whose keys must all be that arch's; UserError otherwise."""
+    backbone = arch_of(model)
+    node_type = OmegaConf.get_type(model) if OmegaConf.is_config(model) else None
+    foreign = [str(key) for key in (model or {}) if key not in backbone.defaults()]
+    typed = isinstance(node_type, type) and issubclass(node_type, ModelSettings)
+    if foreign or (typed and node_type is not backbone.schema):
+        files = ", ".join(f"model={b.config}" for b in backbones.registry().values())
+        what = f"model.{foreign[0]} is not a setting of" if foreign else "the model settings do not fit"
+        raise UserError(
+            f"{what} model.arch={backbone.arch}; choose an arch with its file in conf/model/ ({files}) rather "
+            "than setting model.arch alone."
+        )
+    return backbone
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise UserError naming the first out-of-range key and its allowed values."""
-    for key, rule in rules().items():
+    backbone = check_arch(cfg.get("model"))
+    for key, rule in rules(backbone.arch).items():
         value = plain(OmegaConf.select(cfg, key))
         message = None if value is None else problem(key, value, rule)
         if message is not None:
@@ -340,6 +356,9 @@ def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
     if len(parts) == 2 and parts[0] == "trainer":
         found = closest(parts[1], trainer_arguments())
         return f"trainer.{found}" if found else None
+    if len(parts) == 2 and parts[0] == "model" and schema is TrainConfig:  # typed by the arch's schema
+        found = closest(parts[1], backbones.model_keys())
+        return f"model.{found}" if found else None
     node = schema
     for part in parts[:-1]:
         match = {f.name: f for f in fields(node)}.get(part) if _is_dataclass(node) else None
@@ -351,6 +370,21 @@ def closest_key(full_key: str, schema: Any = TrainConfig) -> str | None:
         return None
     found = closest(parts[-1], [f.name for f in fields(node)])
     return ".".join([*parts[:-1], found]) if found else None
+
+
+def unknown_model_setting(full_key: str, node_type: Any) -> str | None:
+    """The sentence for a model.* key that the arch whose schema is `node_type` lacks, or None for another key."""
+    group, _, name = full_key.partition(".")
+    chosen = next((b for b in backbones.registry().values() if b.schema is node_type), None)
+    if chosen is None or group != "model" or "." in name:
+        return None
+    owner = next((b for b in backbones.registry().values() if name in b.defaults()), None)
+    close = closest(name, list(chosen.defaults()))
+    if owner is not None:
+        hint = f"it is a setting of model.arch={owner.arch}, chosen with its file (model={owner.config})"
+    else:
+        hint = f"did you mean model.{close}?" if close else f"its settings are {', '.join(chosen.defaults())}"
+    return f"model.{name} is not a setting of model.arch={chosen.arch}; {hint}"
 
 
 def trainer_arguments() -> list[str]:
@@ -371,6 +405,13 @@ def plain(node: Any) -> Any:
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def train_schema(model: Any = None) -> DictConfig:
+    """TrainConfig with `model` typed by the schema of the arch a config's model node names (none: densenet_se),
+    to merge a saved config into; UserError for an arch that is not registered."""
+    schema = OmegaConf.structured(arch_of(model).schema)
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), {"model": schema})
 
 
 def compose_train_config(

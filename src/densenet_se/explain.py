@@ -1,14 +1,18 @@
 """Grad-CAM heat maps: where in an image the predicted class's evidence lies.
 
-The hooked layer is the network's last feature map, the one the classifier pools: `DenseNetSE.se`, i.e. the
-final features after ReLU and the head's squeeze-excitation (an `nn.Identity` when se_placement="none", whose
-hook sees the same tensor). The classifier is linear on the spatial mean of that map, so Grad-CAM here equals
-the class activation map of Zhou et al. (2016): sum_k w[c, k] * A_k, kept positive and scaled to 0..1.
+The hooked layer is the network's last feature map, the one the classifier pools, as the arch's registry entry
+names it (densenet_se.backbones: `cam_layer`). For DenseNetSE it is `se`, the final features after ReLU and the
+head's squeeze-excitation (an `nn.Identity` when se_placement="none", whose hook sees the same tensor); for a
+torchvision ResNet `layer4`. Where the classifier is linear on the spatial mean of that map (both of these),
+Grad-CAM equals the class activation map of Zhou et al. (2016): sum_k w[c, k] * A_k, kept positive and scaled
+to 0..1. An arch without such a map (a ViT) has no Grad-CAM: predict refuses gradcam=true, reports show the
+images without heat maps.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,19 +24,26 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from densenet_se.data.images import MAX_IMAGE_PIXELS, to_rgb
+from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_bytes
-from densenet_se.module import unwrap
+
+log = logging.getLogger("densenet_se")
 
 # Weight of the heat map in the overlay (the photo keeps the rest).
 ALPHA = 0.45
 
 
 class GradCAM:
-    """Grad-CAM through a forward hook on the last feature layer; call it on normalised float images."""
+    """Grad-CAM through a forward hook on the last feature layer of a Classifier; call it on normalised images."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.layer = unwrap(module).se
+        layer = module.cam_layer()
+        if layer is None:
+            raise UserError(
+                f"Grad-CAM needs a convolutional feature map and {describe(module)} has none; drop gradcam=true."
+            )
+        self.layer = layer
         self._activations: torch.Tensor | None = None
         self._handle = self.layer.register_forward_hook(self._keep)
 
@@ -62,6 +73,13 @@ class GradCAM:
     def close(self) -> None:
         """Remove the hook."""
         self._handle.remove()
+
+
+def describe(module: nn.Module) -> str:
+    """The classifier's network in words: "model.arch=torchvision (vit_b_16)"."""
+    model = module.hparams["model"]
+    named = f" ({model['name']})" if "name" in model else ""
+    return f"model.arch={model['arch']}{named}"
 
 
 def display_image(path: str | os.PathLike[str], max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -111,14 +129,20 @@ def gradcam_overlays(
     hparams: dict[str, Any],
     device: torch.device,
 ) -> list[Image.Image]:
-    """Grad-CAM overlays for `targets` on uint8 images [k,3,S,S], drawn on the images the model saw."""
+    """Grad-CAM overlays for `targets` on uint8 images [k,3,S,S], drawn on the images the model saw (the images
+    alone for an arch without Grad-CAM)."""
     from densenet_se.inference import to_model_input
 
+    pictures = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
+    if module.cam_layer() is None:
+        log.info(
+            "no Grad-CAM for %s (no convolutional feature map): the images are shown alone", describe(module)
+        )
+        return pictures
     cam = GradCAM(module)
     try:
         x = to_model_input(images.to(device), hparams["mean"], hparams["std"])
         _, maps = cam(x, target=targets.to(device))
     finally:
         cam.close()
-    pictures = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
     return [overlay(picture, heat) for picture, heat in zip(pictures, maps, strict=True)]

@@ -1,4 +1,4 @@
-"""The export task: a checkpoint as ONNX (dynamic batch) or as a plain DenseNetSE state dict, plus a JSON sidecar.
+"""The export task: a checkpoint as ONNX (dynamic batch) or as the network's plain state dict, plus a JSON sidecar.
 
 Both take NORMALISED float32 images [N, 3, S, S] (RGB, resized to S x S, then (x/255 - mean)/std with the
 sidecar's mean and std), exactly what the model saw in training; decoding and resizing stay with the caller.
@@ -16,12 +16,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from densenet_se import backbones
 from densenet_se.calibration import load_calibration
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.config import ExportConfig  # noqa: F401  (schemas, registered in config)
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from densenet_se.models.densenet import LAYOUT_KEYS
 from densenet_se.module import unwrap
 from densenet_se.paths import check_output
 
@@ -32,7 +32,7 @@ EXPORTERS = ("dynamo", "legacy")
 
 
 class ExportedModel(nn.Module):
-    """DenseNetSE with both outputs people want: logits and softmax probabilities."""
+    """The network with both outputs people want: logits and softmax probabilities."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -44,7 +44,7 @@ class ExportedModel(nn.Module):
 
 
 def inference_network(ckpt: dict[str, Any]) -> nn.Module:
-    """The checkpoint's DenseNetSE, fp32, contiguous, eval mode, without gradient checkpointing."""
+    """The checkpoint's network, fp32, contiguous, eval mode, without gradient checkpointing."""
     net = unwrap(build_classifier(ckpt)).float().to(memory_format=torch.contiguous_format)
     for layer in net.modules():
         if hasattr(layer, "memory_efficient"):
@@ -57,8 +57,9 @@ def inference_network(ckpt: dict[str, Any]) -> nn.Module:
 def sidecar(
     ckpt: dict[str, Any], fmt: str, ckpt_path: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """What a consumer needs besides the weights: classes, preprocessing, layout, input and output names."""
+    """What a consumer needs besides the weights: classes, preprocessing, arch and layout, input and output names."""
     hp = ckpt["hyper_parameters"]
+    backbone = backbones.get(hp["model"]["arch"])
     info = {
         "format": fmt,
         "class_names": list(hp["class_names"]),
@@ -67,7 +68,8 @@ def sidecar(
         "mean": list(hp["mean"]),
         "std": list(hp["std"]),
         "input": "float32 [N, 3, image_size, image_size]: RGB resized to image_size, then (x / 255 - mean) / std",
-        "model": {k: hp[k] for k in LAYOUT_KEYS if k in hp},
+        "arch": backbone.arch,
+        "model": {k: hp["model"][k] for k in backbone.layout_keys if k in hp["model"]},
         "source_checkpoint": str(Path(ckpt_path).expanduser().resolve()),
         "epoch": ckpt.get("epoch"),
     }
@@ -76,7 +78,8 @@ def sidecar(
 
 
 def export_state_dict(net: nn.Module, path: Path) -> Path:
-    """torchvision-named DenseNetSE weights: `model.pretrained=<path>` and torch.load(weights_only=True) read it."""
+    """The network's weights under its own (torchvision) key names: `model.pretrained=<path>` and
+    torch.load(weights_only=True) read it."""
     state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
     return atomic_torch_save(state, path)
 
@@ -189,9 +192,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"calibration": calibration}
     if cfg.format == "state_dict":
         export_state_dict(net, output)
-        extra["load_with"] = (
-            "DenseNetSE(num_classes, **model, pretrained=<file>) or train.py model.pretrained=<file>"
-        )
+        extra["load_with"] = backbones.get(hp["model"]["arch"]).rebuild
     else:
         export_onnx(net, output, hp["image_size"], cfg.exporter, cfg.opset)
         extra.update(inputs=["images"], outputs=["logits", "probabilities"], dynamic_axes={"images": [0]})

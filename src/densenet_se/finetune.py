@@ -1,5 +1,6 @@
 """Fine-tuning a pretrained backbone: frozen for `optim.freeze_epochs`, then trained at `optim.backbone_lr_mult`
-times `optim.lr`; the SE modules and the classifier (new, not pretrained) always train at `optim.lr`.
+times `optim.lr`; the head (new, not pretrained: the arch names its modules, for DenseNetSE the SE modules and the
+classifier) always trains at `optim.lr`.
 
 Freezing is a function of the epoch number alone (set at each epoch start), so a resumed run freezes and
 unfreezes at the same epochs. While frozen, the backbone's BatchNorm layers stay in eval mode: their running
@@ -9,7 +10,7 @@ statistics are part of the pretrained features.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,6 @@ from torch import nn
 
 from densenet_se.checks import Range, Rule
 from densenet_se.errors import UserError
-from densenet_se.models.densenet import is_head_key
 
 log = logging.getLogger("densenet_se")
 
@@ -48,30 +48,35 @@ def check(cfg: DictConfig) -> None:
         )
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(backbone parameters, head parameters) of a DenseNetSE: the head is every SE module and the classifier."""
-    backbone, head = [], []
+def in_head(name: str, head: Sequence[str]) -> bool:
+    """True for a parameter or module name inside one of the `head` modules."""
+    return any(name == h or name.startswith(f"{h}.") for h in head)
+
+
+def split_parameters(model: nn.Module, head: Sequence[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone parameters, head parameters) of a network whose head is the modules named `head`."""
+    backbone, new = [], []
     for name, param in model.named_parameters():
-        (head if is_head_key(name) else backbone).append(param)
-    return backbone, head
+        (new if in_head(name, head) else backbone).append(param)
+    return backbone, new
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> Iterable[Any]:
+def param_groups(model: nn.Module, head: Sequence[str], lr: float, backbone_lr_mult: float) -> Iterable[Any]:
     """Optimizer parameters: all at `lr`, or named head/backbone groups when the backbone has its own rate."""
     if backbone_lr_mult == 1.0:
         return model.parameters()
-    backbone, head = split_parameters(model)
+    backbone, new = split_parameters(model, head)
     return [
-        {"params": head, "lr": lr, "name": "head"},
+        {"params": new, "lr": lr, "name": "head"},
         {"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"},
     ]
 
 
-def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Freeze (no gradients, BatchNorm statistics fixed) or release the backbone of a DenseNetSE."""
-    backbone, _ = split_parameters(model)
+def set_backbone_frozen(model: nn.Module, head: Sequence[str], frozen: bool) -> None:
+    """Freeze (no gradients, BatchNorm statistics fixed) or release everything but the `head` modules."""
+    backbone, _ = split_parameters(model, head)
     for param in backbone:
         param.requires_grad_(not frozen)
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_head_key(f"{name}."):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not in_head(name, head):
             module.train(model.training and not frozen)

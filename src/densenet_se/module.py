@@ -1,8 +1,10 @@
-"""The LightningModule: DenseNetSE + cross-entropy + Adam, with torchmetrics per stage."""
+"""The LightningModule: a registered backbone (DenseNetSE by default) + cross-entropy + Adam, with torchmetrics
+per stage."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -12,13 +14,14 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from densenet_se import backbones
 from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError
 from densenet_se.finetune import param_groups, set_backbone_frozen
 from densenet_se.metrics import BEST, MONITOR, best_sign, logged
-from densenet_se.models import DenseNetSE
-from densenet_se.models.densenet import MODEL_KEYS, check_feature_bytes, check_layout
 from densenet_se.soft_targets import soft_cross_entropy, target_share
+
+log = logging.getLogger("densenet_se")
 
 # optim.optimizer -> the optimiser over `params` (parameters or param groups) with the module's hyperparameters.
 OPTIMIZERS: dict[str, Callable[[Any, Any], torch.optim.Optimizer]] = {
@@ -54,9 +57,15 @@ ALLOWED: dict[str, Rule] = {
 }
 
 
-class DenseNetSEClassifier(L.LightningModule):
-    """DenseNetSE trained with cross-entropy; logs `<stage>/<metric>` for densenet_se.metrics.METRICS and
-    `val/acc_best`."""
+class Classifier(L.LightningModule):
+    """The network of `model` (its model.arch, via densenet_se.backbones) trained with cross-entropy; logs
+    `<stage>/<metric>` for densenet_se.metrics.METRICS and `val/acc_best`.
+
+    Args:
+        model: the model.* settings, one plain dict ({"arch": ..., <that arch's keys>}; missing keys take the
+            arch's defaults, no arch means densenet_se); stored as it is in the checkpoint's hyper_parameters.
+        flat_model: the same settings given one by one (`growth_rate=12`), merged into `model`.
+    """
 
     def __init__(
         self,
@@ -65,19 +74,7 @@ class DenseNetSEClassifier(L.LightningModule):
         image_size: int = 224,
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
-        # model
-        growth_rate: int = 32,
-        block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
-        num_init_features: int = 64,
-        bn_size: int = 4,
-        compression_rate: float = 0.5,
-        drop_rate: float = 0.0,
-        se_reduction: int = 8,
-        se_placement: str = "head",
-        memory_efficient: bool = False,
-        pretrained: str | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
+        model: Mapping[str, Any] | None = None,
         # optimisation
         optimizer: str = "adam",
         lr: float = 1e-4,
@@ -89,8 +86,14 @@ class DenseNetSEClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
         freeze_epochs: int = 0,
         backbone_lr_mult: float = 1.0,
+        **flat_model: Any,
     ) -> None:
         super().__init__()
+        if flat_model:  # settings passed one by one, as code written before model.arch does (growth_rate=...)
+            model = {**(model or {}), **flat_model}
+        # Checked (types, ranges, sizes) before anything is allocated: the values may come from someone else's
+        # checkpoint. The arch fills in its defaults and gives plain values back.
+        settings = backbones.checked(num_classes, image_size, model)
         # Plain values only (lists, not tuples or OmegaConf nodes): checkpoints must load with weights_only=True.
         self.save_hyperparameters(
             {
@@ -99,18 +102,7 @@ class DenseNetSEClassifier(L.LightningModule):
                 "image_size": int(image_size),
                 "mean": [float(m) for m in mean],
                 "std": [float(s) for s in std],
-                "growth_rate": growth_rate,
-                "block_config": [int(b) for b in block_config],
-                "num_init_features": num_init_features,
-                "bn_size": bn_size,
-                "compression_rate": float(compression_rate),
-                "drop_rate": float(drop_rate),
-                "se_reduction": se_reduction,
-                "se_placement": se_placement,
-                "memory_efficient": bool(memory_efficient),
-                "pretrained": pretrained,
-                "channels_last": bool(channels_last),
-                "compile": bool(compile),
+                "model": settings,
                 "optimizer": optimizer,
                 "lr": float(lr),
                 "weight_decay": float(weight_decay),
@@ -130,14 +122,16 @@ class DenseNetSEClassifier(L.LightningModule):
                 f"optim.class_weights has {len(hp.class_weights)} values but the data has {num_classes} classes "
                 f"({', '.join(hp.class_names)}); give one weight per class or 'balanced'."
             )
-        # Sizes are checked before anything is allocated (the values may come from someone else's checkpoint).
-        layout = check_layout(num_classes, **{k: hp[k] for k in MODEL_KEYS if k != "pretrained"})
-        check_feature_bytes(hp.image_size, **layout)
-        self.model = DenseNetSE(num_classes=num_classes, **{k: hp[k] for k in MODEL_KEYS})
-        if hp.channels_last:
+        backbone = backbones.get(settings["arch"])
+        self.model = backbone.build(num_classes, settings)
+        if getattr(self.model, "pretrained_report", None) is not None:
+            log.info("model.pretrained: %s", self.model.pretrained_report)
+        # The new head's modules: fine-tuning freezes the rest and trains it at optim.lr.
+        self.head = backbone.head(self.model)
+        if settings["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Kept out of the module tree so the state-dict keys stay `model.*` whether or not compile is on.
-        object.__setattr__(self, "_forward", torch.compile(self.model) if hp.compile else self.model)
+        object.__setattr__(self, "_forward", torch.compile(self.model) if settings["compile"] else self.model)
         weights = torch.tensor(hp.class_weights) if hp.class_weights is not None else None
         self.register_buffer("class_weight", weights, persistent=False)
         self.example_input_array = torch.zeros(1, 3, hp.image_size, hp.image_size)
@@ -161,7 +155,7 @@ class DenseNetSEClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
+        if self.hparams.model["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._forward(x)
 
@@ -193,7 +187,7 @@ class DenseNetSEClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_epochs:
-            set_backbone_frozen(self.model, self.current_epoch < self.hparams.freeze_epochs)
+            set_backbone_frozen(self.model, self.head, self.current_epoch < self.hparams.freeze_epochs)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -269,7 +263,7 @@ class DenseNetSEClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = param_groups(self.model, hp.lr, hp.backbone_lr_mult)
+        params = param_groups(self.model, self.head, hp.lr, hp.backbone_lr_mult)
         opt = OPTIMIZERS[hp.optimizer](params, hp)
         scheduler = self._scheduler(opt)
         if scheduler is None:
@@ -291,7 +285,16 @@ class DenseNetSEClassifier(L.LightningModule):
             )
         return None if main is None else {"scheduler": main, "interval": "epoch"}
 
+    def cam_layer(self) -> nn.Module | None:
+        """The layer Grad-CAM hooks, as the arch's registry entry names it; None for an arch without one."""
+        name = backbones.get(self.hparams.model["arch"]).cam_layer(self.hparams.model)
+        return None if name is None else self.model.get_submodule(name)
+
+
+# The name before other archs existed: old imports and calls (settings one by one) keep working.
+DenseNetSEClassifier = Classifier
+
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The plain DenseNetSE inside a classifier (for export and state-dict files)."""
-    return module.model if isinstance(module, DenseNetSEClassifier) else module
+    """The plain network inside a classifier (for export and state-dict files)."""
+    return module.model if isinstance(module, Classifier) else module

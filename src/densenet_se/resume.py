@@ -19,11 +19,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from densenet_se import backbones
 from densenet_se.checkpoint import load_checkpoint
 from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
-from densenet_se.models.densenet import LAYOUT_KEYS
 from densenet_se.overrides import override_key
 from densenet_se.rundir import check_targets
 
@@ -116,7 +116,7 @@ _ABSENT = object()
 
 def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """The run's own config with the RESUMABLE_KEYS given on the command line taken from `composed`."""
-    from densenet_se.config import TrainConfig
+    from densenet_se.config import train_schema
 
     source = run_dir / ".hydra" / "config.yaml"
     if not source.is_file():
@@ -136,7 +136,11 @@ def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) ->
             )
         changed.append(key)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(source))
+        loaded = OmegaConf.load(source)
+        # Typed by its arch's schema; a run from before model.arch has none and is a densenet_se run.
+        cfg = OmegaConf.merge(train_schema(loaded.get("model")), loaded)
+    except UserError:
+        raise
     except Exception as err:  # a hand-edited or foreign file
         raise UserError(f"resume={run_dir}: {source} is not a valid train config ({err}).") from None
     cfg.resume = str(run_dir)
@@ -248,15 +252,22 @@ def prepare_resume(cfg: DictConfig) -> ResumeSession:
     ckpt = checkpoint_path(run_dir)
     # Read (weights only) before the data is scanned: an unsafe or damaged file stops the run here.
     state = load_checkpoint(ckpt)
-    hparams = state.get("hyper_parameters") or {}
-    for key in LAYOUT_KEYS:  # the weights only fit a model of the same layout
-        if key in hparams and key in cfg.model and _plain(cfg.model[key]) != hparams[key]:
-            raise UserError(
-                f"model.{key}={_plain(cfg.model[key])} does not match the checkpoint {ckpt} "
-                f"({hparams[key]}); resume with the run's own config."
-            )
+    check_layout(cfg, state["hyper_parameters"]["model"], ckpt)
     epoch = int(state.get("epoch", -1)) + 1
     return ResumeSession(run_dir, ckpt, cfg, overrides, epoch=epoch, from_command_line=output_dir is not None)
+
+
+def check_layout(cfg: DictConfig, saved: dict[str, Any], ckpt: Path) -> None:
+    """The weights only fit a model of the same arch and layout: model.arch and the arch's layout_keys that the
+    checkpoint records must match the config's."""
+    arch = cfg.model.get("arch", backbones.DEFAULT_ARCH)
+    for key in ("arch", *backbones.get(saved["arch"]).layout_keys):
+        value = arch if key == "arch" else _plain(cfg.model.get(key))
+        if key in saved and value != saved[key]:
+            raise UserError(
+                f"model.{key}={value} does not match the checkpoint {ckpt} ({saved[key]}); resume with the "
+                "run's own config."
+            )
 
 
 def _plain(value: Any) -> Any:

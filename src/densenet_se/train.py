@@ -18,7 +18,7 @@ from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.cache import default_cache_dir
 from densenet_se.errors import UserError
 from densenet_se.metrics import BEST, MONITOR
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 from densenet_se.overrides import closest
 from densenet_se.paths import check_outside
 from densenet_se.resume import ResumeSession, prepare_resume
@@ -64,14 +64,14 @@ def class_weights(cfg: DictConfig, datamodule: ImageFolderDataModule) -> list[fl
     return [total / (len(counts) * c) if c else 0.0 for c in counts]
 
 
-def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> DenseNetSEClassifier:
+def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> Classifier:
     optim = plain(cfg.optim)
     optim["class_weights"] = class_weights(cfg, datamodule)
-    return DenseNetSEClassifier(
+    return Classifier(
         num_classes=datamodule.num_classes,
         class_names=datamodule.class_names,
         image_size=cfg.data.image_size,
-        **plain(cfg.model),
+        model=plain(cfg.model),
         **optim,
     )
 
@@ -126,7 +126,7 @@ def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
 
 def tune_learning_rate(
     cfg: DictConfig,
-    module: DenseNetSEClassifier,
+    module: Classifier,
     datamodule: ImageFolderDataModule,
     run_dir: Path,
     resuming: bool,

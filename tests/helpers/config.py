@@ -26,6 +26,13 @@ TINY = [
     # The end-of-run report.html costs about a second of figures; the tests of the report turn it on.
     "best_report=false",
 ]
+# TINY with a torchvision backbone (model.arch=torchvision) instead of the tiny DenseNet: MobileNetV3-Small,
+# 1.5 M parameters, runs 32 px images in milliseconds.
+TINY_TV = [
+    *(o for o in TINY if not o.startswith("model")),
+    "model=torchvision",
+    "model.name=mobilenet_v3_small",
+]
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:

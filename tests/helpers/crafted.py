@@ -14,24 +14,46 @@ from typing import Any
 
 import torch
 
-from densenet_se.module import DenseNetSEClassifier
+from densenet_se.module import Classifier
 
 TINY_MODEL = {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "se_reduction": 2}
+# The tiny torchvision model of the tests: ResNet-18 (11 M parameters) runs 32 px images in milliseconds.
+TINY_TORCHVISION = {"arch": "torchvision", "name": "resnet18"}
 
 
-def tiny_checkpoint(path: Path, **overrides: Any) -> DenseNetSEClassifier:
-    """A checkpoint shaped like Lightning's (hyper_parameters + state_dict) without training."""
+def tiny_checkpoint(
+    path: Path, settings: dict[str, Any] | None = None, model: dict[str, Any] | None = None, **overrides: Any
+) -> Classifier:
+    """A checkpoint shaped like Lightning's (hyper_parameters + state_dict) without training, of a 3-class model
+    with `settings` (default TINY_MODEL); `model` is written over its model settings (a dict is merged in,
+    anything else replaces them) and `overrides` over the other hyper_parameters (crafted values that would
+    never build)."""
     torch.manual_seed(0)
-    module = DenseNetSEClassifier(
-        num_classes=3, class_names=["a", "b", "c"], image_size=32, **TINY_MODEL
-    ).eval()
+    module = Classifier(3, ["a", "b", "c"], image_size=32, model=settings or TINY_MODEL).eval()
     hparams = {**dict(module.hparams), **overrides}
+    if model is not None:
+        hparams["model"] = {**hparams["model"], **model} if isinstance(model, dict) else model
     torch.save({"epoch": 4, "hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
     return module
 
 
-def checkpoint_run(base: Path, classes: dict[str, int]) -> dict[str, Path]:
-    """A tiny checkpoint in base/run/checkpoints/best.ckpt, its split.json (every image in val), the images.
+def legacy_checkpoint(path: Path, drop: tuple[str, ...] = ()) -> Classifier:
+    """tiny_checkpoint's file as versions before model.arch wrote it: DenseNetSE's settings flat in
+    hyper_parameters (no `model`, no `arch`), without the settings named in `drop` (older still)."""
+    module = tiny_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    hparams = ckpt.pop("hyper_parameters")
+    model = hparams.pop("model")
+    flat = {k: v for k, v in model.items() if k != "arch" and k not in drop}
+    torch.save({**ckpt, "hyper_parameters": {**hparams, **flat}}, path)
+    return module
+
+
+def checkpoint_run(
+    base: Path, classes: dict[str, int], settings: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """A tiny checkpoint (of `settings`) in base/run/checkpoints/best.ckpt, its split.json (every image in val),
+    the images.
 
     `classes` must name tiny_checkpoint's classes (a, b, c) with a count of images each.
     """
@@ -40,7 +62,7 @@ def checkpoint_run(base: Path, classes: dict[str, int]) -> dict[str, Path]:
     run_dir = base / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
-    tiny_checkpoint(ckpt)
+    tiny_checkpoint(ckpt, settings)
     images = make_image_folder(base / "images", classes, size=40)
     files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
     val = [[f, list(classes).index(f.split("/")[0])] for f in files]
@@ -49,9 +71,15 @@ def checkpoint_run(base: Path, classes: dict[str, int]) -> dict[str, Path]:
     return {"run": run_dir, "ckpt": ckpt, "images": images, "split": run_dir / "split.json"}
 
 
-def resumable_run(base: Path, overrides: tuple[str, ...] = ()) -> Path:
-    """A run directory that resume accepts up to training, made without training: .hydra/config.yaml (TINY),
-    split.json from the data module, and tiny_checkpoint's model as checkpoints/last.ckpt (TINY's layout)."""
+def resumable_run(
+    base: Path,
+    overrides: tuple[str, ...] = (),
+    settings: dict[str, Any] | None = None,
+    tiny: list[str] | None = None,
+) -> Path:
+    """A run directory that resume accepts up to training, made without training: .hydra/config.yaml (`tiny`,
+    by default TINY, then `overrides`), split.json from the data module, and tiny_checkpoint's model (of
+    `settings`, by default TINY's layout) as checkpoints/last.ckpt."""
     from omegaconf import OmegaConf
 
     from densenet_se.config import compose_train_config, plain
@@ -60,11 +88,12 @@ def resumable_run(base: Path, overrides: tuple[str, ...] = ()) -> Path:
     from helpers.images import make_image_folder
 
     images = make_image_folder(base / "images", {"a": 4, "b": 4, "c": 4}, size=40)
-    cfg = compose_train_config([*TINY, f"data.root={images}", "print_config=false", *overrides], base, CONF)
+    given = [*(TINY if tiny is None else tiny), f"data.root={images}", "print_config=false", *overrides]
+    cfg = compose_train_config(given, base, CONF)
     run_dir = Path(cfg.paths.output_dir)
     ImageFolderDataModule(**plain(cfg.data), output_dir=str(run_dir)).setup("fit")  # writes split.json
     (run_dir / "checkpoints").mkdir(parents=True)
-    tiny_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    tiny_checkpoint(run_dir / "checkpoints" / "last.ckpt", settings)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     return run_dir
@@ -72,7 +101,7 @@ def resumable_run(base: Path, overrides: tuple[str, ...] = ()) -> Path:
 
 def tiny_hparams() -> dict[str, Any]:
     """The hyper_parameters of tiny_checkpoint's model (plain values)."""
-    module = DenseNetSEClassifier(num_classes=3, class_names=["a", "b", "c"], image_size=32, **TINY_MODEL)
+    module = Classifier(3, ["a", "b", "c"], image_size=32, model=TINY_MODEL)
     return dict(module.hparams)
 
 

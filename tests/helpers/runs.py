@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 from omegaconf import OmegaConf
 
-from helpers.config import ROOT, TINY, compose_cfg
+from helpers.config import ROOT, TINY, TINY_TV, compose_cfg
 from helpers.images import make_image_folder
 
 CLASSES = {"Monkeypox": 24, "Others": 24}
@@ -42,24 +42,26 @@ def run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RUN dir of a 2-epoch tiny training (val and test splits) with .hydra/config.yaml like a real run."""
-    if "run" not in _RUN:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, arch: str = "densenet_se") -> Path:
+    """RUN dir of a 2-epoch tiny training (val and test splits) with .hydra/config.yaml like a real run, of the
+    tiny DenseNet+SE or (arch="torchvision") of TINY_TV's torchvision model."""
+    if arch not in _RUN:
         from densenet_se.train import run
 
-        base = tmp_path_factory.mktemp("tiny_run")
+        base = tmp_path_factory.mktemp(f"tiny_run_{arch}")
         images = make_image_folder(base / "images", CLASSES, size=40)
+        tiny = {"densenet_se": TINY, "torchvision": TINY_TV}[arch]
         cfg = compose_cfg(
             base,
-            [*TINY, f"data.root={images}", "data.test_fraction=0.2", "print_config=false"],
+            [*tiny, f"data.root={images}", "data.test_fraction=0.2", "print_config=false"],
         )
         run(cfg)
         out = base / "run"
         # Hydra writes this in real runs; in-process runs do not, so save the (already concrete) config.
         (out / ".hydra").mkdir()
         OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
-        _RUN["run"] = out
-    return _RUN["run"]
+        _RUN[arch] = out
+    return _RUN[arch]
 
 
 def entry_point(name: str) -> ModuleType:

@@ -12,19 +12,27 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from densenet_se.archive import load_archive
 from densenet_se.checks import Range, Rule, at_least, interval, problem
 from densenet_se.errors import shown
+from densenet_se.models.common import (
+    LoadReport,
+    check_pretrained,
+    download_state_dict,
+    load_matching,
+    read_state_dict,
+    strip_prefix,
+    too_many_feature_bytes,
+    too_many_parameters,
+)
 from densenet_se.models.se import SqueezeExcitation
 
 SE_PLACEMENTS = ("head", "blocks", "none")
@@ -36,14 +44,9 @@ DENSENET121_LAYOUT = {
     "bn_size": 4,
     "compression_rate": 0.5,
 }
-# The DenseNetSE arguments that fix the keys and shapes of its state dict (export sidecars, resume checks).
-LAYOUT_KEYS = (*DENSENET121_LAYOUT, "se_reduction", "se_placement")
-# Plausible sizes, checked before anything is allocated: a checkpoint or a resumed run's config may come from
-# someone else, and the network is built from these numbers. DenseNet-264 has 130 dense layers and ~33M
-# parameters; DenseNet-121 needs ~13 MB of activations per 224 px image (~4.3 GB at 4096 px).
+# A plausible depth, checked before anything is allocated (DenseNet-264 has 130 dense layers); the parameter
+# and activation caps every network shares are in densenet_se.models.common.
 MAX_DENSE_LAYERS = 1_000
-MAX_PARAMETERS = 200_000_000
-MAX_FEATURE_BYTES = 8 << 30
 # Allowed values of the DenseNetSE arguments: checked here (ValueError) and, as model.*, by config.validate.
 ALLOWED: dict[str, Rule] = {
     "growth_rate": at_least(1),
@@ -199,7 +202,7 @@ class DenseNetSE(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_pretrained(pretrained)
+        check_pretrained(pretrained)
         checked = check_layout(
             num_classes,
             growth_rate=growth_rate,
@@ -283,14 +286,6 @@ def _argument(name: str, value: object, kind: type, rule: Rule | None = None) ->
     if message:
         raise ValueError(message)
     return value
-
-
-def _check_pretrained(value: object) -> None:
-    if value is None or isinstance(value, os.PathLike) or (isinstance(value, str) and value):
-        return
-    raise ValueError(
-        f"pretrained must be null, 'imagenet' or the path to a state-dict file, got {shown(value)}"
-    )
 
 
 def check_layout(
@@ -396,25 +391,23 @@ def feature_bytes(
 def check_parameter_count(num_classes: int, **layout: object) -> int:
     """parameter_count(...), or ValueError when it exceeds MAX_PARAMETERS."""
     count = parameter_count(num_classes, **layout)  # type: ignore[arg-type]
-    if count > MAX_PARAMETERS:
-        raise ValueError(
-            f"this layout ({_describe(layout)}, num_classes={shown(num_classes)}) has "
-            f"{f'{count:.3g}' if count < 10**300 else 'over 1e300'} parameters, more than "
-            f"the {MAX_PARAMETERS:.0e} allowed; use a smaller model"
-        )
+    refused = too_many_parameters(
+        count, f"this layout ({_describe(layout)}, num_classes={shown(num_classes)})"
+    )
+    if refused:
+        raise ValueError(refused)
     return count
 
 
 def check_feature_bytes(image_size: int, **layout: object) -> int:
     """feature_bytes(...), or ValueError when one image would need more than MAX_FEATURE_BYTES."""
-    need = feature_bytes(image_size, **{k: layout[k] for k in _FEATURE_KEYS})  # type: ignore[arg-type]
-    if need > MAX_FEATURE_BYTES:
-        raise ValueError(
-            f"image_size={shown(image_size)} with this layout ({_describe({k: layout[k] for k in _FEATURE_KEYS})}) needs "
-            f"about {f'{need / 2**30:.3g}' if need < 10**300 else 'over 1e300'} GiB of activations per image, "
-            f"more than the {MAX_FEATURE_BYTES >> 30} GiB "
-            "allowed; use smaller images or a smaller model"
-        )
+    chosen = {k: layout[k] for k in _FEATURE_KEYS}
+    need = feature_bytes(image_size, **chosen)  # type: ignore[arg-type]
+    refused = too_many_feature_bytes(
+        need, f"image_size={shown(image_size)} with this layout ({_describe(chosen)})"
+    )
+    if refused:
+        raise ValueError(refused)
     return need
 
 
@@ -466,22 +459,6 @@ _OLD_LAYER_KEY = re.compile(
 _ANCHOR_KEY = "features.conv0.weight"
 
 
-@dataclass(frozen=True)
-class LoadReport:
-    """What ``load_pretrained`` did with each tensor."""
-
-    source: str
-    loaded: tuple[str, ...]  # model keys now holding the file's values
-    new: tuple[str, ...]  # model keys left at their fresh init (SE, a classifier for another num_classes)
-    skipped: tuple[str, ...]  # file keys not used (another num_classes' classifier, SE of another layout)
-
-    def __str__(self) -> str:
-        return (
-            f"loaded {len(self.loaded)} tensors from {self.source}; "
-            f"new: {', '.join(self.new) or 'none'}; skipped: {', '.join(self.skipped) or 'none'}"
-        )
-
-
 def load_pretrained(model: DenseNetSE, source: str | os.PathLike[str]) -> LoadReport:
     """Load a torchvision-format DenseNet state dict into ``model``'s backbone (and head where it fits).
 
@@ -495,38 +472,13 @@ def load_pretrained(model: DenseNetSE, source: str | os.PathLike[str]) -> LoadRe
         state_dict = _download_imagenet(model)
     else:
         label = str(source)
-        state_dict = _read_state_dict(Path(source).expanduser())
+        state_dict = read_state_dict(Path(source).expanduser())
     state_dict = _torchvision_keys(state_dict, label)
 
-    own = model.state_dict()
-    loaded, new, skipped, to_load = [], [], [], {}
-    for key, value in own.items():
-        if _HEAD_KEY.match(key):
-            if key in state_dict and state_dict[key].shape == value.shape:
-                to_load[key] = state_dict[key]
-            else:
-                new.append(key)
-        elif key in state_dict:
-            if state_dict[key].shape != value.shape:
-                _layout_mismatch(
-                    model,
-                    state_dict,
-                    label,
-                    f"{key} has shape {tuple(state_dict[key].shape)} in the file but {tuple(value.shape)} "
-                    "in the model",
-                )
-            to_load[key] = state_dict[key]
-        elif not key.endswith("num_batches_tracked"):  # absent from files written before torch 0.4.1
-            _layout_mismatch(model, state_dict, label, f"{key} is in the model but not in the file")
-    for key in state_dict:
-        if key in to_load:
-            loaded.append(key)
-        elif _HEAD_KEY.match(key):
-            skipped.append(key)
-        else:
-            _layout_mismatch(model, state_dict, label, f"{key} is in the file but not in the model")
-    model.load_state_dict(to_load, strict=False)
-    return LoadReport(label, tuple(loaded), tuple(new), tuple(skipped))
+    def mismatch(detail: str) -> NoReturn:
+        _layout_mismatch(model, state_dict, label, detail)
+
+    return load_matching(model, state_dict, label, is_head_key, mismatch)
 
 
 def _download_imagenet(model: DenseNetSE) -> dict[str, Tensor]:
@@ -538,63 +490,23 @@ def _download_imagenet(model: DenseNetSE) -> dict[str, Tensor]:
         )
     from torchvision.models import DenseNet121_Weights  # torchvision is only needed here
 
-    url = DenseNet121_Weights.IMAGENET1K_V1.url
-    try:
-        return torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
-        )
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash is a RuntimeError
-        raise ValueError(
-            f"pretrained='imagenet' could not fetch {url} ({_first_line(exc)}); on a machine without "
-            f"internet put {url.rsplit('/', 1)[-1]} in {Path(torch.hub.get_dir()) / 'checkpoints'}, "
-            "or set pretrained to the path of a state-dict file, or to null"
-        ) from exc
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise ValueError(
-            f"pretrained file {path} does not exist; set pretrained to an existing state-dict file, "
-            "'imagenet' or null"
-        )
-    try:
-        with path.open("rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
-        # A zip (what torch.save writes) is read within bounded memory; torch's legacy format (older
-        # torchvision weights) cannot be bounded, but it is a file the user chose on their own command line.
-        obj = load_archive(path) if zipped else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling, zip and weights_only refusals all mean "not a state dict we load"
-        raise ValueError(
-            f"pretrained file {path} is not a readable PyTorch state dict ({_first_line(exc)}); "
-            "save one with torch.save(model.state_dict(), path)"
-        ) from exc
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # a Lightning checkpoint
-    if not isinstance(obj, Mapping):
-        raise ValueError(
-            f"pretrained file {path} holds a {type(obj).__name__}, not a state dict; "
-            "save one with torch.save(model.state_dict(), path)"
-        )
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    return download_state_dict(DenseNet121_Weights.IMAGENET1K_V1.url)
 
 
 def _torchvision_keys(state_dict: Mapping[str, Tensor], label: str) -> dict[str, Tensor]:
     """Strip a wrapper prefix ("model.", "module.") and rename pre-0.3 torchvision layer keys."""
-    prefix = next((k[: -len(_ANCHOR_KEY)] for k in state_dict if k.endswith(_ANCHOR_KEY)), None)
-    if prefix is None:
+    stripped = strip_prefix(state_dict, _ANCHOR_KEY)
+    if stripped is None:
         raise ValueError(
             f"pretrained {label} holds no DenseNet weights (no key ending in {_ANCHOR_KEY}); "
             "point pretrained at a DenseNet state dict or set it to null"
         )
-    renamed = {}
-    for key, value in state_dict.items():
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-            renamed[_OLD_LAYER_KEY.sub(r"\1\2", key)] = value
-    return renamed
+    return {_OLD_LAYER_KEY.sub(r"\1\2", key): value for key, value in stripped.items()}
 
 
-def _layout_mismatch(model: DenseNetSE, state_dict: Mapping[str, Tensor], label: str, detail: str) -> None:
+def _layout_mismatch(
+    model: DenseNetSE, state_dict: Mapping[str, Tensor], label: str, detail: str
+) -> NoReturn:
     found = _infer_layout(state_dict)
     raise ValueError(
         f"pretrained {label} does not match this model's layout: {detail}; the model has "
@@ -629,8 +541,3 @@ def _describe(layout: Mapping[str, object]) -> str:
     return ", ".join(
         f"{k}={shown(list(v) if isinstance(v, tuple) else v)}" for k, v in layout.items() if v is not None
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
