@@ -48,7 +48,7 @@ def test_an_unknown_config_group_option_names_the_closest_one():
     with pytest.raises(Exception) as info:
         hydra_cfg(["model=densenet_tiny"])
     assert describe(info.value) == (
-        "model=densenet_tiny is not a known option; choose one of: densenet121_se, densenet_tiny_se. "
+        "model=densenet_tiny is not a known option; choose one of: convnext_tiny, densenet121_se, densenet_tiny_se, efficientnet_b0, resnet50, torchvision. "
         "Did you mean model=densenet_tiny_se?"
     )
 

@@ -2,7 +2,7 @@
 
 The dataclasses are the single source of defaults for the `data`, `model` and `optim` groups; the YAML files in
 `conf/` mirror them with comments, and a test keeps the two (and the constructors) in step. `model` is typed by
-its arch's schema (densenet_se.backbones): each conf/model/ file extends `<arch>_schema` in its defaults list.
+its arch's schema (densenet_se.backbones): each conf/model/ file extends `/model_schema/<arch>@_here_` in its defaults list.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from densenet_se import backbones
-from densenet_se.backbones import DEFAULT_ARCH, ModelSettings, schema_name
+from densenet_se.backbones import DEFAULT_ARCH, SCHEMA_GROUP, ModelSettings
 from densenet_se.checks import Range, Rule, problem
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
@@ -214,7 +214,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for backbone in backbones.registry().values():
-        cs.store(group="model", name=schema_name(backbone.arch), node=backbone.schema)
+        cs.store(group=SCHEMA_GROUP, name=backbone.arch, node=backbone.schema)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)

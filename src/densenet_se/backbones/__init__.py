@@ -14,7 +14,14 @@ import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
-from densenet_se.backbones.base import COMMON_KEYS, DEFAULT_ARCH, Backbone, ModelSettings, schema_name
+from densenet_se.backbones.base import (
+    COMMON_KEYS,
+    DEFAULT_ARCH,
+    SCHEMA_GROUP,
+    Backbone,
+    ModelSettings,
+    schema_name,
+)
 from densenet_se.checks import problem
 from densenet_se.errors import shown
 
@@ -27,6 +34,7 @@ __all__ = [
     "get",
     "model_keys",
     "registry",
+    "SCHEMA_GROUP",
     "schema_name",
     "settings",
 ]

@@ -73,6 +73,9 @@ class Backbone:
         return tuple(f.name for f in fields(self.schema) if f.name not in COMMON_KEYS)
 
 
+SCHEMA_GROUP = "model_schema"  # a group of its own, so `model=` lists only the conf/model/ files
+
+
 def schema_name(arch: str) -> str:
-    """The ConfigStore name of an arch's schema in the `model` group (its conf/model/ file's defaults list)."""
-    return f"{arch}_schema"
+    """The defaults-list entry of an arch's schema (ConfigStore group SCHEMA_GROUP) in its conf/model/ file."""
+    return f"/{SCHEMA_GROUP}/{arch}@_here_"
