@@ -120,6 +120,7 @@ def test_models_and_data_import_nothing_of_the_training_stack():
         "densenet_se.checks",
         "densenet_se.archive",
         "densenet_se.names",
+        "densenet_se.plugins",
     }
     graph = import_graph(PACKAGE)
     for name, edges in graph.items():
@@ -130,7 +131,13 @@ def test_models_and_data_import_nothing_of_the_training_stack():
 
 
 def test_backbones_import_only_themselves_the_networks_and_the_leaves():
-    allowed = ("densenet_se.backbones", "densenet_se.models", "densenet_se.checks", "densenet_se.errors")
+    allowed = (
+        "densenet_se.backbones",
+        "densenet_se.models",
+        "densenet_se.checks",
+        "densenet_se.errors",
+        "densenet_se.plugins",
+    )
     graph = import_graph(PACKAGE)
     for name, edges in graph.items():
         if name.startswith("densenet_se.backbones"):
