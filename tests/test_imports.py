@@ -146,11 +146,14 @@ def test_backbones_import_only_themselves_the_networks_and_the_leaves():
 
 @pytest.mark.subprocess
 def test_entry_point_plumbing_loads_without_torch():
-    # Registering the schemas imports every arch module of densenet_se.backbones: none may import torch.
+    # Registering the schemas imports every arch module of densenet_se.backbones: none may import torch. Nor may
+    # the data sources (config.validate checks data.source and data.labels).
     code = (
         "import sys, densenet_se.cli, densenet_se.resolvers, densenet_se.overrides\n"
         "densenet_se.cli.register()\n"
         "assert set(densenet_se.backbones.registry()) == {'densenet_se', 'torchvision'}\n"
+        "from densenet_se.data import sources\n"
+        "assert set(sources.registry()) == {'csv', 'folders'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'lightning', "
         "'torchmetrics')))"
     )
