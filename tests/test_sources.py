@@ -164,6 +164,11 @@ def _bad_cases(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             [*rows[:-1], f"{rows[-1].split(',')[0]},{'x' * 256}"],
             f"gives class names longer than 255 characters: line {n - 1} {rows[-1].split(',')[0]!r}; shorten them.",
         ),
+        "quote left open": (
+            [*rows[:-1], f'{rows[-1].split(",")[0]},"Others', "Others/x.png,Others"],
+            "gives class names holding a line break or another control character (a quote left open?): line "
+            f"{n - 1} {rows[-1].split(',')[0]!r}; fix the quoting.",
+        ),
         "no rows": ([], "lists no images; give one row per image, its path relative to data.root."),
     }
 

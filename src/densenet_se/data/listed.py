@@ -57,24 +57,23 @@ def read_csv_rows(
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, str, str]] = []
     first = True
+    line = 1  # where the row being read starts (a quoted cell may hold line breaks)
     try:
         for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if first and [c.strip().lower() for c in row] == list(columns):
-                first = False
-                continue
-            first = False
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise UserError(
-                    f"{key}={path} line {reader.line_num} is {','.join(row)!r}; each row must be "
-                    f"{','.join(columns)} with both filled in (quote a path that holds a comma)."
-                )
-            rows.append((reader.line_num, relative_path(row[0]), row[1].strip()))
-    except csv.Error as err:  # a NUL byte, an unclosed quote, a field over csv's size limit
-        raise UserError(
-            f"{key}={path} line {reader.line_num} cannot be read as CSV ({err}); give {what}."
-        ) from None
+            if row and any(cell.strip() for cell in row):
+                if first and [c.strip().lower() for c in row] == list(columns):
+                    first = False
+                elif len(row) != 2 or not row[0].strip() or not row[1].strip():
+                    raise UserError(
+                        f"{key}={path} line {line} is {','.join(row)!r}; each row must be "
+                        f"{','.join(columns)} with both filled in (quote a path that holds a comma)."
+                    )
+                else:
+                    first = False
+                    rows.append((line, relative_path(row[0]), row[1].strip()))
+            line = reader.line_num + 1
+    except csv.Error as err:  # a field over csv's size limit
+        raise UserError(f"{key}={path} line {line} cannot be read as CSV ({err}); give {what}.") from None
     return rows
 
 

@@ -82,6 +82,13 @@ def listing_from_rows(
         [(line, rel) for line, rel, label in entries if len(label) > MAX_CLASS_NAME],
         "shorten them",
     )
+    # A line break inside a label is a quote left open: the rows after it were read into one cell.
+    _refuse(
+        origin,
+        "gives class names holding a line break or another control character (a quote left open?)",
+        [(line, rel) for line, rel, label in entries if not label.isprintable()],
+        "fix the quoting",
+    )
     exts = normalise_extensions(extensions)
     _refuse(
         origin,
