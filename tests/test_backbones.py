@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
-import shutil
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -33,8 +30,9 @@ from densenet_se.finetune import set_backbone_frozen
 from densenet_se.models.common import build_on_meta
 from densenet_se.module import Classifier
 from densenet_se.resume import prepare_resume
-from helpers.config import CONF, ROOT, TINY, TINY_TV, compose_cfg, task_cfg
+from helpers.config import CONF, TINY, TINY_TV, compose_cfg, task_cfg
 from helpers.crafted import TINY_TORCHVISION, checkpoint_run, resumable_run, tiny_checkpoint
+from helpers.docs import installed_example
 from helpers.images import make_image_folder, split_files
 from helpers.runs import tiny_run
 
@@ -369,27 +367,10 @@ def test_resume_checks_the_arch_and_its_layout(tmp_path):
 
 
 # ------------------------------------------------------------------ a third arch: one file plus one YAML
-def _doc_block(first_line: str) -> str:
-    """The fenced block of docs/ARCHITECTURE.md that starts with `first_line`."""
-    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", text, flags=re.S)
-    return next(block for block in blocks if block.startswith(first_line))
-
-
 @pytest.fixture
 def simple_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The documented simple_cnn arch installed: its file in the backbones package, its YAML in a copy of conf/."""
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "simple_cnn.py").write_text(_doc_block("# src/densenet_se/backbones/simple_cnn.py"))
-    conf = tmp_path / "conf"
-    shutil.copytree(CONF, conf)
-    (conf / "model" / "simple_cnn.yaml").write_text(_doc_block("# conf/model/simple_cnn.yaml"))
-    monkeypatch.setattr(backbones, "__path__", [*backbones.__path__, str(package)])
-    backbones.registry.cache_clear()
-    yield conf
-    backbones.registry.cache_clear()
-    sys.modules.pop("densenet_se.backbones.simple_cnn", None)
+    yield from installed_example(tmp_path, monkeypatch, backbones, "simple_cnn", "model/simple_cnn")
 
 
 @pytest.mark.slow

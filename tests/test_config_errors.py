@@ -99,6 +99,7 @@ BAD_RECIPE_CHOICE: dict[str, tuple[str, str]] = {
 BAD_CHOICE: dict[str, tuple[str, str]] = {
     "data.cache": ("gpu", "none, memory, disk, device"),
     "data.on_bad_file": ("ignore", "skip, error"),
+    "data.source": ("parquet", "csv, folders"),
     "model.se_placement": ("tail", "head, blocks, none"),
     "optim.optimizer": ("rmsprop", "adam, adamw, sgd"),
     "optim.scheduler": ("linear", "none, cosine, step, plateau"),

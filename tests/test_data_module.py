@@ -394,7 +394,10 @@ def test_folder_errors_are_clear(tmp_path):
     with pytest.raises(UserError, match=r"file\.png is a file"):
         _dm(tmp_path / "file.png", tmp_path).setup()
     one = make_tree(tmp_path / "one", {"only": 5})
-    with pytest.raises(UserError, match=r"1 class folder\(s\).*only.*at least 2"):
+    with pytest.raises(
+        UserError,
+        match=r"one has 1 class\(es\) with readable images \(only\); at least 2 are needed, one sub-folder per class\.$",
+    ):
         _dm(one, tmp_path).setup()
     (tmp_path / "empty" / "a").mkdir(parents=True)
     (tmp_path / "empty" / "b").mkdir()

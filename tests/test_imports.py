@@ -120,6 +120,7 @@ def test_models_and_data_import_nothing_of_the_training_stack():
         "densenet_se.checks",
         "densenet_se.archive",
         "densenet_se.names",
+        "densenet_se.plugins",
     }
     graph = import_graph(PACKAGE)
     for name, edges in graph.items():
@@ -130,7 +131,13 @@ def test_models_and_data_import_nothing_of_the_training_stack():
 
 
 def test_backbones_import_only_themselves_the_networks_and_the_leaves():
-    allowed = ("densenet_se.backbones", "densenet_se.models", "densenet_se.checks", "densenet_se.errors")
+    allowed = (
+        "densenet_se.backbones",
+        "densenet_se.models",
+        "densenet_se.checks",
+        "densenet_se.errors",
+        "densenet_se.plugins",
+    )
     graph = import_graph(PACKAGE)
     for name, edges in graph.items():
         if name.startswith("densenet_se.backbones"):
@@ -139,11 +146,14 @@ def test_backbones_import_only_themselves_the_networks_and_the_leaves():
 
 @pytest.mark.subprocess
 def test_entry_point_plumbing_loads_without_torch():
-    # Registering the schemas imports every arch module of densenet_se.backbones: none may import torch.
+    # Registering the schemas imports every arch module of densenet_se.backbones: none may import torch. Nor may
+    # the data sources (config.validate checks data.source and data.labels).
     code = (
         "import sys, densenet_se.cli, densenet_se.resolvers, densenet_se.overrides\n"
         "densenet_se.cli.register()\n"
         "assert set(densenet_se.backbones.registry()) == {'densenet_se', 'torchvision'}\n"
+        "from densenet_se.data import sources\n"
+        "assert set(sources.registry()) == {'csv', 'folders'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'lightning', "
         "'torchmetrics')))"
     )

@@ -22,6 +22,7 @@ import torch
 from densenet_se import backbones
 from densenet_se.archive import ArchiveError, load_archive
 from densenet_se.data.images import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from densenet_se.data.sources.base import MAX_CLASS_NAME
 from densenet_se.errors import UserError, shown
 from densenet_se.module import Classifier
 
@@ -33,7 +34,6 @@ REQUIRED_HPARAMS = ("num_classes", "class_names", "image_size", "mean", "std")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # The data module always normalises with ImageNet statistics; a std near 0 would blow inputs up to inf.
 MIN_STD = 1e-3
-MAX_CLASS_NAME = 255  # class names are folder names
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

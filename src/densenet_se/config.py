@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from densenet_se import backbones
 from densenet_se.backbones import DEFAULT_ARCH, SCHEMA_GROUP, ModelSettings
 from densenet_se.checks import Range, Rule, problem
+from densenet_se.data.sources.base import DEFAULT_SOURCE
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
 
@@ -26,6 +27,9 @@ from densenet_se.overrides import closest
 @dataclass
 class DataConfig:
     root: str = "data/monkeypox"
+    # Which registered source lists the images under root (densenet_se.data.sources), and the file it reads.
+    source: str = DEFAULT_SOURCE
+    labels: str | None = None
     image_size: int = 224
     batch_size: int = 32
     val_fraction: float = 0.2
@@ -278,11 +282,11 @@ def rules(arch: str = DEFAULT_ARCH) -> dict[str, Rule]:
     # Imported here: they need torch and Lightning, and a config error is reported before those load.
     from densenet_se import ema, finetune, tune
     from densenet_se.data import augment, mixing
-    from densenet_se.data.datamodule import ALLOWED as DATA
+    from densenet_se.data.datamodule import allowed as data_allowed
     from densenet_se.module import ALLOWED as OPTIM
 
     owners = [
-        ("data", DATA),
+        ("data", data_allowed()),
         ("model", backbones.get(arch).allowed()),
         ("optim", OPTIM),
         ("optim", finetune.ALLOWED),
@@ -295,11 +299,12 @@ def rules(arch: str = DEFAULT_ARCH) -> dict[str, Rule]:
 
 
 def _cross_checks() -> list[Any]:
-    """The checks across keys that live beside the code using them (recipes: augment, tune, fine-tuning)."""
+    """The checks across keys that live beside the code using them (data.labels, recipes: augment, tune,
+    fine-tuning)."""
     from densenet_se import finetune, tune
-    from densenet_se.data import augment
+    from densenet_se.data import augment, sources
 
-    return [augment.check, tune.check, finetune.check]
+    return [sources.check, augment.check, tune.check, finetune.check]
 
 
 def arch_of(model: Any) -> backbones.Backbone:

@@ -1,4 +1,4 @@
-"""Atomic file writes (readers never see a half-written file), and bounded reads of JSON files people pass in."""
+"""Atomic file writes (readers never see a half-written file), and bounded reads of files people pass in."""
 
 from __future__ import annotations
 
@@ -115,6 +115,28 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
+def read_bounded(path: str | os.PathLike[str], key: str, what: str, max_bytes: int) -> bytes:
+    """The bytes of a file a person passes in as `key=path`, at most `max_bytes`; UserError (one sentence) if it is
+    missing, unreadable or bigger. The size is checked before anything is read: the file may come from anywhere.
+    """
+    from densenet_se.errors import UserError
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{key}={path} does not exist or is not a file; give {what}.")
+    too_big = f"{key}={path} is larger than {max_bytes >> 20} MiB, too big to be {what}."
+    try:
+        with open(file, "rb") as f:
+            if os.fstat(f.fileno()).st_size > max_bytes:
+                raise UserError(too_big)
+            data = f.read(max_bytes + 1)  # one byte more: a file that grew since is refused too
+    except OSError as err:
+        raise UserError(f"{key}={path} cannot be read ({err.strerror or err}); give {what}.") from None
+    if len(data) > max_bytes:
+        raise UserError(too_big)
+    return data
+
+
 def read_json_object(path: str | os.PathLike[str], key: str, what: str, max_bytes: int = 10 << 20) -> dict:
     """The JSON object in a file given as `key=path`; UserError (one sentence) if missing, too big or not one.
 
@@ -123,16 +145,11 @@ def read_json_object(path: str | os.PathLike[str], key: str, what: str, max_byte
     """
     from densenet_se.errors import UserError
 
-    file = Path(path).expanduser()
-    hint = f"give {what}"
-    if not file.is_file():
-        raise UserError(f"{key}={path} does not exist or is not a file; {hint}.")
-    if file.stat().st_size > max_bytes:
-        raise UserError(f"{key}={path} is larger than {max_bytes >> 20} MiB, too big to be {what}.")
+    data = read_bounded(path, key, what, max_bytes)
     try:
-        data = json.loads(file.read_bytes())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{key}={path} cannot be read as JSON ({type(err).__name__}); {hint}.") from None
-    if not isinstance(data, dict):
+        loaded = json.loads(data)
+    except ValueError as err:
+        raise UserError(f"{key}={path} cannot be read as JSON ({type(err).__name__}); give {what}.") from None
+    if not isinstance(loaded, dict):
         raise UserError(f"{key}={path} is not {what} (it holds no JSON object).")
-    return data
+    return loaded

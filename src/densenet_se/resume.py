@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from densenet_se import backbones
 from densenet_se.checkpoint import load_checkpoint
-from densenet_se.data.split import read_split_file
+from densenet_se.data.split import SPLITS, read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.overrides import override_key
@@ -29,8 +29,9 @@ from densenet_se.rundir import check_targets
 
 log = logging.getLogger("densenet_se")
 
-# What may differ from the original run: how long to train, where and on what it runs, where the data lives.
-# Everything that changes the model, the data split or the optimisation is fixed by the run being resumed.
+# What may differ from the original run: how long to train, where and on what it runs, where the data (and the
+# list of its labels) lives. Everything that changes the model, the data split or the optimisation is fixed by the
+# run being resumed; the split check holds a moved data.root or data.labels to the images and labels it started with.
 RESUMABLE_KEYS = (
     "trainer.max_epochs",
     "trainer.min_epochs",
@@ -41,6 +42,7 @@ RESUMABLE_KEYS = (
     "trainer.num_nodes",
     "trainer.enable_progress_bar",
     "data.root",
+    "data.labels",
     "data.num_workers",
     "data.pin_memory",
     "data.cache_dir",
@@ -178,6 +180,7 @@ class ResumeSession:
             )
         old = read_split_file(saved)
         new = json.loads(json.dumps(datamodule.split))
+        check_labels(old, new, saved, datamodule)
         for name in ("class_names", "train", "val", "test"):
             if old.get(name) != new.get(name):
                 raise UserError(
@@ -201,6 +204,33 @@ class ResumeSession:
         atomic_write_text(staging / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
         atomic_write_text(staging / "config.yaml", OmegaConf.to_yaml(self.cfg))
         staging.rename(folder)
+
+
+def check_labels(old: dict, new: dict, saved: Path, datamodule: Any) -> None:
+    """Refuse the same images under other classes than split.json records (an edited data.labels)."""
+    from densenet_se.names import display_name
+
+    def class_of(split: dict) -> dict[str, str]:
+        names = split.get("class_names") or []
+        return {
+            rel: names[label] for key in SPLITS for rel, label in split.get(key, []) if label < len(names)
+        }
+
+    before, now = class_of(old), class_of(new)
+    if not before or before.keys() != now.keys():
+        return  # other files: the split check names that
+    changed = [rel for rel in sorted(before) if before[rel] != now[rel]]
+    if not changed:
+        return
+    where = (
+        f"data.labels={datamodule.labels_file}" if datamodule.labels_file else f"data.root={datamodule.root}"
+    )
+    shown = ", ".join(f"{display_name(rel)} {before[rel]!r} now {now[rel]!r}" for rel in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise UserError(
+        f"{where} gives {len(changed)} of this run's images another class than it started with ({shown}{more}; "
+        f"see {saved}); restore the labels, or start a new run instead of resume=."
+    )
 
 
 def check_content(old: dict, new: dict, saved: Path, root: Any) -> None:

@@ -116,7 +116,10 @@ def hparams_for_logging(cfg: DictConfig) -> dict[str, Any]:
             for k in ("image_size", "batch_size", "val_fraction", "test_fraction", "split_seed", "augment")
         }
         # How the split was made (k-fold, grouped): .get, as a resumed run's saved config may predate them.
-        | {k: plain(cfg.data.get(k)) for k in ("folds", "fold", "group_pattern", "groups")},
+        | {
+            k: plain(cfg.data.get(k))
+            for k in ("source", "labels", "folds", "fold", "group_pattern", "groups")
+        },
         "augment": plain(cfg.get("augment")),
         **({"ema": plain(cfg.ema)} if OmegaConf.select(cfg, "callbacks.ema") else {}),
         "seed": cfg.seed,

@@ -9,8 +9,6 @@ ever looked up: an arch read from a checkpoint never selects code by itself.
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +22,7 @@ from densenet_se.backbones.base import (
 )
 from densenet_se.checks import problem
 from densenet_se.errors import shown
+from densenet_se.plugins import discover
 
 __all__ = [
     "COMMON_KEYS",
@@ -43,12 +42,7 @@ __all__ = [
 @functools.cache
 def registry() -> dict[str, Backbone]:
     """Every registered arch by name, the default first."""
-    found: dict[str, Backbone] = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        backbone = getattr(module, "BACKBONE", None)
-        if isinstance(backbone, Backbone):
-            found[backbone.arch] = backbone
+    found = {backbone.arch: backbone for backbone in discover(__name__, __path__, "BACKBONE", Backbone)}
     return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_ARCH, item[0])))
 
 

@@ -1,4 +1,4 @@
-"""ImageFolderDataModule: scan, check, split and decode an ImageFolder tree once, then serve uint8 batches."""
+"""ImageFolderDataModule: list (data.source), check, split and decode the images once, then serve uint8 batches."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from densenet_se.checks import Range, Rule, at_least, check
 from densenet_se.data import cache as cache_lib
-from densenet_se.data import diskcache
+from densenet_se.data import diskcache, sources
 from densenet_se.data import split as split_lib
 from densenet_se.data.augment import TrainBatchTransform, check_legacy_augment
 from densenet_se.data.digests import DIGEST_NAME, file_digests
@@ -32,7 +32,6 @@ from densenet_se.data.images import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     normalize,
-    scan_image_folder,
 )
 from densenet_se.data.loaders import CachedImages, DeviceBatches, FileImages
 from densenet_se.data.split import SPLITS, check_folds, check_fractions, make_split, split_class_counts
@@ -59,8 +58,14 @@ ALLOWED: dict[str, Rule] = {
 }
 
 
+def allowed() -> dict[str, Rule]:
+    """ALLOWED with data.source's registered names (found when first asked): what config.validate checks."""
+    return {**ALLOWED, **sources.allowed()}
+
+
 class ImageFolderDataModule(L.LightningDataModule):
-    """An ImageFolder tree (one sub-folder per class) as stratified train/val[/test] splits of uint8 batches.
+    """The images a source lists (data.source: class sub-folders by default, or a CSV of path,label rows) as
+    stratified train/val[/test] splits of uint8 batches.
 
     Loaders yield (uint8 images [N,3,S,S], int64 labels [N]); `on_after_batch_transfer` turns the images
     into ImageNet-normalised float32 on the device and augments them while training. With `folds` >= 2, val
@@ -71,6 +76,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str = "data/monkeypox",
+        source: str = sources.DEFAULT_SOURCE,
+        labels: str | None = None,
         image_size: int = 224,
         batch_size: int = 32,
         val_fraction: float = 0.2,
@@ -96,6 +103,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         """`augmentation`: the augment.* settings (densenet_se.data.augment); `augment` is the retired switch."""
         super().__init__()
         settings = dict(
+            source=source,
             cache=cache,
             on_bad_file=on_bad_file,
             image_size=image_size,
@@ -107,7 +115,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             folds=folds,
             fold=fold,
         )
-        check(settings, ALLOWED, "data.")
+        check(settings, allowed(), "data.")
+        sources.check_labels(source, labels)
         check_legacy_augment(augment, (augmentation or {}).get("policy", "none"))
         check_fractions(float(val_fraction), float(test_fraction))
         check_folds(int(folds), int(fold))
@@ -122,6 +131,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             except re.error:
                 groups_from_pattern([], group_pattern)  # raises the UserError that explains the pattern
         self.root = Path(root).expanduser()
+        self.source = source
+        self.labels_file = str(Path(labels).expanduser()) if labels else None  # data.labels
         self.image_size, self.batch_size = int(image_size), int(batch_size)
         self.val_fraction, self.test_fraction, self.split_seed = (
             float(val_fraction),
@@ -187,7 +198,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         root = self._check_root()
         if self.cache == "disk":
-            self._decoded(root, scan_image_folder(root, self.extensions).files, fill_only=True)
+            self._decoded(root, self._listing(root).files, fill_only=True)
+
+    def _listing(self, root: Path) -> sources.Listing:
+        """The images and classes data.source lists under `root`."""
+        return sources.get(self.source).list_files(root, self.labels_file, self.extensions)
 
     def _decoded(
         self, root: Path, files: list[str], fill_only: bool = False
@@ -227,35 +242,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         return good, images, bad, digests
 
     def setup(self, stage: str | None = None) -> None:
-        """Scan, check, split and decode; safe to call again (Lightning calls it once per stage)."""
+        """List, check, split and decode; safe to call again (Lightning calls it once per stage)."""
         if self.split:
             return
         root = self._check_root()
-        scan = scan_image_folder(root, self.extensions)
-        if not scan.files:
-            raise UserError(
-                f"data.root={root} has no images in class sub-folders; expected {root}/<class>/<image>.jpg."
-            )
-        group_of = self._group_of(scan.files)  # before decoding: a bad pattern or CSV fails in a second
-        good, images, bad, digests = self._decoded(root, scan.files)
-        self._report_bad(root, bad, len(scan.files))
+        listing = self._listing(root)
+        group_of = self._group_of(listing.files)  # before decoding: a bad pattern or CSV fails in a second
+        good, images, bad, digests = self._decoded(root, listing.files)
+        self._report_bad(root, bad, len(listing.files))
         if not good:
             raise UserError(f"data.root={root} has no readable images ({len(bad)} files could not be read).")
-        # Classes whose every file is unreadable are dropped like empty folders, and labels renumbered.
-        used = sorted({scan.labels[i] for i in good})
-        for label in set(range(len(scan.class_names))) - set(used):
-            folder = display_name(str(root / scan.class_names[label]))
-            log.warning("ignoring folder %s: none of its images can be read", folder)
-        relabel = {old: new for new, old in enumerate(used)}
-        class_names = [scan.class_names[old] for old in used]
-        if len(class_names) < 2:
-            raise UserError(
-                f"data.root={root} has {len(class_names)} class folder(s) with readable images "
-                f"({', '.join(class_names) or 'none'}); at least 2 are needed, one sub-folder per class."
-            )
-        self.files = [scan.files[i] for i in good]
+        class_names, labels = self._readable_classes(listing, good)
+        self.files = [listing.files[i] for i in good]
         self.digests = [digests[i] for i in good]
-        labels = [relabel[scan.labels[i]] for i in good]
         groups = None
         if group_of is not None:  # the CSV needs rows for the images in use only, not for unreadable ones
             groups = (
@@ -282,13 +281,42 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.class_names, self.num_classes = class_names, len(class_names)
         self.has_test = bool(split["test"])
         counts = split_class_counts(split, self.num_classes)
-        self.split = {"root": str(root), "class_names": class_names, **split, "counts": counts}
+        self.split = {
+            "root": str(root),
+            "source": self.source,
+            "labels": self.labels_file,
+            "class_names": class_names,
+            **split,
+            "counts": counts,
+        }
         # What each image held when the run started: resume refuses a folder whose pictures changed.
         self.split["digest"] = DIGEST_NAME
         self.split["digests"] = dict(zip(self.files, self.digests, strict=True))
         self.split_report = self._report_split(labels, groups)
         self._warn_missing_classes(counts)
         self._write_split()
+
+    def _readable_classes(self, listing: sources.Listing, good: list[int]) -> tuple[list[str], list[int]]:
+        """(class names, label of each good file): classes with no readable image dropped (folders) or refused."""
+        used = sorted({listing.labels[i] for i in good})
+        for label in sorted(set(range(len(listing.class_names))) - set(used)):
+            if listing.drop_unreadable:
+                log.warning("ignoring %s: none of its images can be read", listing.class_where[label])
+                continue
+            count = listing.labels.count(label)
+            raise UserError(
+                f"{listing.class_where[label]} has no readable image (its {count} files cannot be read); fix "
+                "them, or leave the class out."
+            )
+        # Labels renumbered over the classes left.
+        relabel = {old: new for new, old in enumerate(used)}
+        class_names = [listing.class_names[old] for old in used]
+        if len(class_names) < 2:
+            raise UserError(
+                f"{listing.origin} has {len(class_names)} class(es) with readable images "
+                f"({', '.join(class_names) or 'none'}); at least 2 are needed, {listing.classes_are}."
+            )
+        return class_names, [relabel[listing.labels[i]] for i in good]
 
     def _group_of(self, scanned: list[str]) -> dict[str, str] | None:
         """{file: source group} from data.group_pattern or data.groups, else None (not grouped)."""

@@ -6,12 +6,12 @@ and reads far better than the truth. Files with the same group id always share a
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from densenet_se.data.listed import read_csv_rows
 from densenet_se.errors import UserError
 
 _EXAMPLE = "Monkeypox/M01_01_aug3.jpg"
@@ -59,42 +59,11 @@ def groups_from_pattern(files: Sequence[str], pattern: str) -> list[str]:
     return ids
 
 
-def _normalise(path: str) -> str:
-    path = path.strip().replace("\\", "/")
-    while path.startswith("./"):
-        path = path[2:]
-    return path
-
-
 def read_groups_csv(csv_path: str | Path) -> dict[str, tuple[str, int]]:
     """{relative path: (group, line number)} from a CSV of `path,group` rows (an optional header row)."""
-    path = Path(csv_path).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"data.groups={csv_path} does not exist; give a CSV file of path,group rows "
-            f"(paths relative to data.root, like {_EXAMPLE})."
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as ex:
-        raise UserError(
-            f"data.groups={csv_path} cannot be read ({ex}); give a UTF-8 CSV of path,group rows."
-        ) from None
+    what = f"a CSV file of path,group rows (paths relative to data.root, like {_EXAMPLE})"
     rows: dict[str, tuple[str, int]] = {}
-    first = True
-    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if first and [c.strip().lower() for c in row] == ["path", "group"]:
-            first = False
-            continue
-        first = False
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise UserError(
-                f"data.groups={csv_path} line {number} is {','.join(row)!r}; each row must be path,group "
-                "with both filled in (quote a path that holds a comma)."
-            )
-        rel, group = _normalise(row[0]), row[1].strip()
+    for number, rel, group in read_csv_rows(csv_path, "data.groups", ("path", "group"), what):
         if rel in rows and rows[rel][0] != group:
             raise UserError(
                 f"data.groups={csv_path} gives {rel!r} two groups ({rows[rel][0]!r} on line {rows[rel][1]}, "

@@ -48,7 +48,8 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
+def normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
+    """data.extensions as lower-case suffixes with their dot (None: IMAGE_EXTENSIONS)."""
     exts = IMAGE_EXTENSIONS if extensions is None else tuple(extensions)
     return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in exts)
 
@@ -80,7 +81,7 @@ def scan_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist or is not a folder.")
-    exts = _normalise_extensions(extensions)
+    exts = normalise_extensions(extensions)
     class_names: list[str] = []
     files: list[str] = []
     labels: list[int] = []

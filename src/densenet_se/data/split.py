@@ -11,9 +11,10 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from densenet_se.checks import Range, Rule, at_least, check, interval
+from densenet_se.data.listed import leaves_root
 from densenet_se.errors import UserError, shown
 
 SPLITS = ("train", "val", "test")
@@ -314,8 +315,7 @@ def read_split_file(path: str | os.PathLike[str]) -> dict:
                     f"split file {path} has a {split} entry {shown(entry)} that is not a [relative path, "
                     f"class index] pair; {hint}."
                 )
-            rel = PurePosixPath(entry[0])
-            if not entry[0] or "\0" in entry[0] or rel.is_absolute() or ".." in rel.parts:
+            if leaves_root(entry[0]):
                 raise UserError(
                     f"split file {path} lists {shown(entry[0], 300)} in {split}, which is not a path inside the data "
                     f"folder (it is empty, absolute or goes up with '..'); {hint}."
