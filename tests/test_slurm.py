@@ -130,6 +130,14 @@ def test_under_srun_lightning_takes_ranks_from_slurm_and_does_not_relaunch(monke
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     assert distributed.rank_suffix() == ".rank5" and not distributed.is_rank_zero()
+    # The Trainer sets the process-wide rank Lightning's rank_zero_* helpers read: put it back after the test,
+    # or later tests in this process would log and write as rank 5 (no split.json, no reports).
+    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
+    import lightning.pytorch.utilities.rank_zero as pytorch_rank_zero
+    import lightning_utilities.core.rank_zero as utilities_rank_zero
+
+    for module in (fabric_rank_zero, pytorch_rank_zero, utilities_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
     trainer = L.Trainer(
         accelerator="cpu", devices=4, num_nodes=2, strategy="ddp", logger=False, enable_checkpointing=False
     )
