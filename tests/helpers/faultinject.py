@@ -25,3 +25,22 @@ class PauseAtBatch(L.Callback):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             time.sleep(self.seconds)
+
+
+class WaitForSignal(L.Callback):
+    """Write `marker` (holding the pid) at (epoch, batch), then wait there until a signal arrives, so a test
+    can send SIGTERM or SIGINT at a known point: SIGINT raises in the wait, SIGTERM ends it (Lightning stops
+    at the end of that batch). `seconds` bounds the wait, should the signal never come."""
+
+    def __init__(self, marker: str, epoch: int = 1, batch: int = 1, seconds: float = 120.0) -> None:
+        self.marker, self.epoch, self.batch, self.seconds = Path(marker), epoch, batch, seconds
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch or self.marker.exists():
+            return
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + self.seconds
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
