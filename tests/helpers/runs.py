@@ -88,9 +88,9 @@ def run_cli(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     return 0
 
 
-def train_process(args: list[str], cwd: Path) -> subprocess.Popen:
+def train_process(args: list[str], cwd: Path, stderr: int = subprocess.PIPE) -> subprocess.Popen:
     """`python train.py args...` started in the background with tests/ importable (helpers.faultinject
-    callbacks); stdout and stderr are separate pipes of text."""
+    callbacks); stdout and stderr are pipes of text (stderr=subprocess.STDOUT: one pipe)."""
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return subprocess.Popen(
@@ -98,7 +98,7 @@ def train_process(args: list[str], cwd: Path) -> subprocess.Popen:
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
 
