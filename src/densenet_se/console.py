@@ -126,9 +126,12 @@ def progress_bars(enable_progress_bar: bool | None) -> bool:
 
 
 def file_only(logger: logging.Logger, level: int, message: str) -> None:
-    """`message` into the log file only, where one is set up (else nowhere: the caller printed it)."""
-    if logging.getLogger().handlers:
-        logger.log(level, "%s", message, extra=FILE_ONLY)
+    """`message` into the run's log file only (the caller printed it): the root logger's file handlers, if
+    any. Before the run's logging is set up, Hydra's own handlers are there, and they print."""
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None, extra=FILE_ONLY)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 # ---------------------------------------------------------------------------------------------- train's lines
