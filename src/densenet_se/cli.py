@@ -30,7 +30,7 @@ from densenet_se.errors import UserError
 from densenet_se.interrupt import Interrupted, interrupted, sigterm_raises
 from densenet_se.io import atomic_write_text, storage_error
 from densenet_se.overrides import closest, comma_hint, quoting_hint
-from densenet_se.run_guard import log_file_error, remove_refused_run
+from densenet_se.run_guard import Refused, log_file_error, remove_refused_run
 
 log = logging.getLogger("densenet_se")
 
@@ -87,6 +87,8 @@ def hydra_entry(
             if _is_user_error(ex):  # refused while Hydra set the run up: what it created goes again
                 remove_refused_run()
             _report_and_exit(ex, schema, detail)
+        except Refused as refused:  # before Hydra created anything (densenet_se.run_guard)
+            _report_and_exit(refused.error)
         except BaseException as ex:  # SIGINT or SIGTERM: one line, and the signal's exit status
             stopped = interrupted(ex)
             if stopped is None:

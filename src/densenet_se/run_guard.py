@@ -27,6 +27,15 @@ HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
 LOG_SUFFIXES = (".log", ".lock")
 
 
+class Refused(BaseException):
+    """A refusal raised in a Hydra callback: Hydra 1.3 turns an Exception raised there into a warning and goes
+    on, so the UserError travels as a BaseException up to the entry point (densenet_se.cli), which shows it."""
+
+    def __init__(self, error: UserError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class RunGuard(Callback):
     """Hydra callback: before Hydra creates the run directory, refuse an unwritable one and note what is new."""
 
@@ -38,7 +47,10 @@ class RunGuard(Callback):
         RunGuard.before = None
         run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
         existing = nearest_existing(run_dir)
-        check_writable(run_dir, existing)
+        try:
+            check_writable(run_dir, existing)
+        except UserError as error:
+            raise Refused(error) from None
         if existing == run_dir:
             RunGuard.before = (run_dir, None, frozenset(p.name for p in run_dir.iterdir()))
         else:
