@@ -25,6 +25,7 @@ from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
 from densenet_se.io import atomic_write_text, csv_text
 from densenet_se.metrics import BEST_KEY, best_sign, column_title, logged
 from densenet_se.overrides import override_key
+from densenet_se.run_guard import Refused
 
 log = logging.getLogger("densenet_se")
 
@@ -309,7 +310,8 @@ class SweepSummary(Callback):
         # Fail before any job starts; cli.check_multirun_launch catches what a job's overrides add.
         processes = distributed.expected_processes(trainer)
         if processes > 1 and "spawn" not in str(trainer.get("strategy", "auto")):
-            raise UserError(multirun_ddp_message(processes))
+            # As Refused: Hydra would turn a UserError raised here into a warning and start every job anyway.
+            raise Refused(UserError(multirun_ddp_message(processes)))
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         # Refreshed after every job, so a sweep that is killed or stops early still has its summary.
