@@ -201,3 +201,10 @@ def test_lightning_and_slurm_requeue_stay_in_charge_while_training(tmp_path, mon
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
     assert [p.name for p in (tmp_path / "run").glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # The requeued job runs the same command in the same run directory: Lightning continues from the hpc
+    # checkpoint (epoch 2, after its first batch) to the end.
+    cfg = compose_cfg(tmp_path, _args(tmp_path))
+    run(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["epoch"] == 1
