@@ -144,11 +144,9 @@ def test_one_class_warnings_are_hidden_only_for_the_sanity_checks_partial_sample
 
 @pytest.mark.parametrize("mode", ["compact", "full", False])
 def test_print_config_compact_full_or_false(tmp_path, caplog, mode):
-    from densenet_se.train import show_config
-
     cfg = compose_cfg(tmp_path, [*TINY, "data.root=/images", f"print_config={mode}"])
     with caplog.at_level(logging.INFO, logger="densenet_se"):
-        show_config(cfg, None)
+        console.show_config(cfg)
     shown = [r.getMessage() for r in caplog.records if getattr(r, "console", True)]
     file_only = [r.getMessage() for r in caplog.records if not getattr(r, "console", True)]
     full = f"config:\n{OmegaConf.to_yaml(cfg, resolve=True)}"

@@ -1,8 +1,10 @@
 """Entry-point plumbing: Hydra main with errors shown as one sentence and a non-zero exit, and sweep jobs.
 
 A bad override, an unknown key, an out-of-range value or a missing data folder prints one line on stderr
-(`error: ...`) and exits with status 2. Set HYDRA_FULL_ERROR=1 for the full traceback. In a sweep each job runs
-through `run_job`: a failing job is recorded in its job_status.json and the sweep goes on.
+(`error: ...`) and exits with status 2, and a run refused that way leaves no directory behind
+(densenet_se.run_guard). Set HYDRA_FULL_ERROR=1 for the full traceback. SIGINT and SIGTERM print one line on
+how to continue and exit with 130 or 143 (densenet_se.interrupt). In a sweep each job runs through `run_job`:
+a failing job is recorded in its job_status.json and the sweep goes on; an interrupted one stops the sweep.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def is_multirun() -> bool:
 
 def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
+    SIGINT or SIGTERM records the job as interrupted, writes the sweep summary, and stops the sweep.
 
     Returns the task's value, or None for a failed job (Optuna then records the trial as failed; a NaN would
     make hydra-optuna-sweeper 1.3 stop the search).

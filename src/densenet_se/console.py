@@ -14,11 +14,13 @@ import re
 import shlex
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.checks import Range
 
@@ -135,11 +137,28 @@ def file_only(logger: logging.Logger, level: int, message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- train's lines
-def config_summary(overrides: Sequence[str], saved: Path | None) -> str:
-    """print_config=compact: the command line's overrides and where the full config is."""
+def show_config(cfg: DictConfig, resumed: bool = False) -> None:
+    """print_config: compact (the overrides), full or false; the log file always gets the full config."""
+    log = logging.getLogger(OWN_LOGGER)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    mode = cfg.get("print_config", "compact")  # .get: a resumed run's config may predate the key
+    if mode is True or mode == "full":
+        log.info("config:\n%s", text)
+        return
+    log.info("config:\n%s", text, extra=FILE_ONLY)
+    if mode != "compact":
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides, saved = [], None
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        overrides = list(hydra.overrides.task)
+        if hydra.output_subdir and not resumed:  # a resumed session records its config later, elsewhere
+            saved = Path(hydra.runtime.output_dir) / hydra.output_subdir / "config.yaml"
     given = " ".join(overrides) if overrides else "none (the defaults of conf/train.yaml)"
     where = f"the full config is in {saved}" if saved else "the full config is in the log file"
-    return f"config overrides: {given}; {where} (print it with print_config=full)"
+    log.info("config overrides: %s; %s (print it with print_config=full)", given, where)
 
 
 def data_summary(split: Mapping[str, Any]) -> str:

@@ -208,27 +208,6 @@ def resume_hint(cfg: DictConfig, run_dir: Path, report: RunReport) -> str:
     return f"{what} is saved in {last}; continue with: python train.py resume={shlex.quote(str(run_dir))}"
 
 
-def show_config(cfg: DictConfig, session: ResumeSession | None) -> None:
-    """print_config: compact (the overrides), full or false; the log file always gets the full config."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    mode = cfg.get("print_config", "compact")  # .get: a resumed run's config may predate the key
-    if mode is True or mode == "full":
-        log.info("config:\n%s", text)
-        return
-    log.info("config:\n%s", text, extra=console.FILE_ONLY)
-    if mode != "compact":
-        return
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides, saved = [], None
-    if HydraConfig.initialized():
-        hydra = HydraConfig.get()
-        overrides = list(hydra.overrides.task)
-        if hydra.output_subdir and session is None:
-            saved = Path(hydra.runtime.output_dir) / hydra.output_subdir / "config.yaml"
-    log.info("%s", console.config_summary(overrides, saved))
-
-
 def best_checkpoint_report(
     cfg: DictConfig, trainer: L.Trainer, datamodule: ImageFolderDataModule, run_dir: Path
 ) -> dict[str, Any] | None:
@@ -280,7 +259,7 @@ def run(cfg: DictConfig) -> float | None:
 def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path, report: RunReport) -> float | None:
     """The run once its config passed every check and this process holds the run directory."""
     log.info("run directory: %s", run_dir)
-    show_config(cfg, session)
+    console.show_config(cfg, resumed=session is not None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # A resumed run keeps its split.json and bad_files.txt; the new scan must give the same split.
