@@ -68,6 +68,7 @@ BAD: dict[str, tuple[object, str]] = {
     "trainer.limit_train_batches": (1.5, "a fraction in [0, 1] or a number of batches >= 0"),
     "trainer.limit_val_batches": (-1, "a fraction in [0, 1] or a number of batches >= 0"),
     "trainer.limit_test_batches": (-0.5, "a fraction in [0, 1] or a number of batches >= 0"),
+    "print_config": (3, "compact, full or false (true: full)"),
 }
 # The recipe keys (checked beside their code: data/augment.py, data/mixing.py, ema.py, tune.py, finetune.py).
 BAD_RECIPE: dict[str, tuple[object, str]] = {

@@ -4,9 +4,7 @@ metrics of an uninterrupted run; bad resume requests are one clear sentence."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,26 +17,16 @@ from densenet_se.callbacks import EPOCH_KEYS, SeedEachEpoch
 from densenet_se.errors import UserError
 from densenet_se.resume import RESUMABLE_KEYS, ResumeSession, find_run_dir, resumed_config
 from densenet_se.train import run
-from helpers.config import ROOT, TINY, compose_cfg
+from helpers.config import TINY, compose_cfg
 from helpers.images import make_image_folder
-from helpers.runs import subprocess_env
+from helpers.runs import train_process
 
 # Dropout and augmentation on: a resumed run must also repeat their random draws.
 ARGS = [*TINY, "trainer.max_epochs=3", "model.drop_rate=0.2", "augment=light", "print_config=false"]
 
 
-def train_py(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    env = subprocess_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
+def train_py(args: list[str], cwd: Path) -> subprocess.Popen:
+    return train_process(args, cwd, stderr=subprocess.STDOUT)
 
 
 def scalars(event_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -124,20 +124,18 @@ def test_sbatch_script_runs_train_py_with_ddp_under_srun(tmp_path):
 def test_under_srun_lightning_takes_ranks_from_slurm_and_does_not_relaunch(monkeypatch):
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities import rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
 
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
+    # The DDP strategy sets this process's global rank (5) in Lightning's module-level rank_zero_only; put it
+    # back afterwards, or every later in-process run would take itself for rank 5 and skip rank zero's work.
+    for module in (rank_zero, utils_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", module.rank_zero_only.rank)
     assert distributed.rank_suffix() == ".rank5" and not distributed.is_rank_zero()
-    # The Trainer sets the process-wide rank Lightning's rank_zero_* helpers read: put it back after the test,
-    # or later tests in this process would log and write as rank 5 (no split.json, no reports).
-    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
-    import lightning.pytorch.utilities.rank_zero as pytorch_rank_zero
-    import lightning_utilities.core.rank_zero as utilities_rank_zero
-
-    for module in (fabric_rank_zero, pytorch_rank_zero, utilities_rank_zero):
-        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
     trainer = L.Trainer(
         accelerator="cpu", devices=4, num_nodes=2, strategy="ddp", logger=False, enable_checkpointing=False
     )

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from densenet_se import cli, sweep
 from densenet_se.errors import UserError
+from densenet_se.run_guard import Refused
 from helpers.config import CONF, TINY, hydra_cfg
 from helpers.runs import run_train
 
@@ -190,8 +191,10 @@ def test_run_job_records_how_each_job_ended(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ multi-process jobs
 def test_a_sweep_of_ddp_jobs_is_refused_unless_slurm_starts_the_processes():
     callback = sweep.SweepSummary()
-    with pytest.raises(UserError, match="cannot start 2 training processes per job"):
+    # A BaseException carrying the UserError: Hydra turns an Exception raised in a callback into a warning.
+    with pytest.raises(Refused) as refused:
         callback.on_multirun_start(hydra_cfg(["trainer=ddp_cpu"]))
+    assert "cannot start 2 training processes per job" in str(refused.value.error)
     callback.on_multirun_start(hydra_cfg(["trainer=cpu"]))
     callback.on_multirun_start(hydra_cfg(["trainer=ddp_cpu", "hydra/launcher=slurm"]))
 

@@ -1,5 +1,6 @@
 """Training callbacks: the run report (metrics.json, curves.png, samples.png, confusion matrices, TensorBoard images
-and HParams) and per-epoch seeding (epoch N depends on (seed, N) only, so a resumed run repeats an uninterrupted one)."""
+and HParams), per-epoch seeding (epoch N depends on (seed, N) only, so a resumed run repeats an uninterrupted one),
+and the model summary of the network alone."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_summary.model_summary import ModelSummary as LayerTable
 
 from densenet_se import plots
 from densenet_se.io import atomic_write_text
@@ -81,6 +84,7 @@ class RunReport(L.Callback):
         self._validated_epoch: int | None = None
         self._saved_epoch = -1  # epochs up to this one are in metrics.json: their checkpoints are written
         self._queued_epoch = -1  # epochs up to this one are committed once the checkpoints queued so far are
+        self._checkpointed_epoch = -1  # the last epoch in the newest checkpoint queued
 
     # Lightning stores this in every checkpoint (plain values only), so a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
@@ -96,7 +100,8 @@ class RunReport(L.Callback):
         if self.epochs:
             return
         self.epochs = list(state_dict.get("epochs", []))
-        self._saved_epoch = self._queued_epoch = max((int(r["epoch"]) for r in self.epochs), default=-1)
+        restored = max((int(r["epoch"]) for r in self.epochs), default=-1)
+        self._saved_epoch = self._queued_epoch = self._checkpointed_epoch = restored
         self.confmats = {int(k): v for k, v in state_dict.get("confmats", {}).items()}
         self.total_seconds = float(state_dict.get("total_seconds", 0.0))
 
@@ -115,9 +120,22 @@ class RunReport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._commit(trainer)
 
-    def _commit(self, trainer: L.Trainer) -> None:
-        """List every finished epoch in metrics.json: called once the checkpoints of those epochs are saved."""
-        last = max((r["epoch"] for r in self.epochs), default=-1)
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._checkpointed_epoch = max((r["epoch"] for r in self.epochs), default=-1)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Stopped (SIGTERM, Ctrl+C, an error) after an epoch's last.ckpt was queued but before the next epoch
+        # committed it: list the epochs a checkpoint holds once it is on disk (teardown waits for the writer).
+        self._commit(trainer, self._checkpointed_epoch)
+
+    def _commit(self, trainer: L.Trainer, last: int | None = None) -> None:
+        """List the finished epochs (up to `last`) in metrics.json: called once their checkpoints are saved."""
+        if last is None:
+            last = max((r["epoch"] for r in self.epochs), default=-1)
         if last <= self._queued_epoch:
             return
         self._queued_epoch = last
@@ -277,6 +295,27 @@ def _hparam_value(value: Any) -> int | float | str | bool:
     if isinstance(value, (list, tuple, np.ndarray)):
         return str(list(value))
     return str(value)
+
+
+class NetworkSummary(ModelSummary):
+    """Lightning's ModelSummary (the layer table, written to the log file) of the network alone: the metric
+    objects the module holds (torchmetrics modules without parameters) are left out of the rows."""
+
+    def _summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> LayerTable:
+        return _NetworkTable(pl_module, max_depth=self._max_depth)
+
+
+class _NetworkTable(LayerTable):
+    @property
+    def named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        from torchmetrics import Metric, MetricCollection
+
+        metrics = [n for n, m in self._model.named_modules() if isinstance(m, (Metric, MetricCollection))]
+        return [
+            (name, module)
+            for name, module in super().named_modules
+            if not any(name == m or name.startswith(f"{m}.") for m in metrics)
+        ]
 
 
 # ------------------------------------------------------------------------------------------------- seeding

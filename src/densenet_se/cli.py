@@ -1,8 +1,10 @@
 """Entry-point plumbing: Hydra main with errors shown as one sentence and a non-zero exit, and sweep jobs.
 
 A bad override, an unknown key, an out-of-range value or a missing data folder prints one line on stderr
-(`error: ...`) and exits with status 2. Set HYDRA_FULL_ERROR=1 for the full traceback. In a sweep each job runs
-through `run_job`: a failing job is recorded in its job_status.json and the sweep goes on.
+(`error: ...`) and exits with status 2, and a run refused that way leaves no directory behind
+(densenet_se.run_guard). Set HYDRA_FULL_ERROR=1 for the full traceback. SIGINT and SIGTERM print one line on
+how to continue and exit with 130 or 143 (densenet_se.interrupt). In a sweep each job runs through `run_job`:
+a failing job is recorded in its job_status.json and the sweep goes on; an interrupted one stops the sweep.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import hydra
 from omegaconf import DictConfig
 
 from densenet_se import config, distributed, resolvers, sweep
+from densenet_se.console import file_only, warnings_logged
 from densenet_se.errors import UserError
+from densenet_se.interrupt import Interrupted, interrupted, sigterm_raises
 from densenet_se.io import atomic_write_text, storage_error
 from densenet_se.overrides import closest, comma_hint, quoting_hint
+from densenet_se.run_guard import Refused, log_file_error, remove_refused_run
 
 log = logging.getLogger("densenet_se")
 
@@ -60,7 +65,10 @@ def hydra_entry(
             # Let Hydra re-raise instead of printing its own multi-line report; we print one line below.
             os.environ["HYDRA_FULL_ERROR"] = os.environ[_OURS] = "1"
         try:
-            return _run(trace)
+            # SIGTERM stops the run with status 143 and a line on how to continue (densenet_se.interrupt);
+            # Python warnings reach the log file, and the console unless they are known noise (densenet_se.console).
+            with sigterm_raises(), warnings_logged():
+                return _run(trace)
         finally:  # in-process callers (tests, notebooks) get their environment back
             for key, value in saved.items():
                 if value is None:
@@ -71,15 +79,26 @@ def hydra_entry(
     def _run(wants_trace: bool) -> Any:
         try:
             result = _main()
-        except KeyboardInterrupt:
-            print("error: interrupted; checkpoints written so far are kept.", file=sys.stderr)
-            sys.exit(130)
         except Exception as ex:  # noqa: BLE001 - every failure becomes one sentence for a person
             if wants_trace:
                 raise
             # A sweep that stopped after some jobs ran (e.g. every Optuna trial failed) also names its summary.
             swept = take_last_result()
-            _report_and_exit(ex, schema, f" ({swept.message()})" if swept and swept.failed else "")
+            detail = f" ({swept.message()})" if swept and swept.failed else ""
+            ex = log_file_error(ex) or ex
+            if _is_user_error(ex):  # refused while Hydra set the run up: what it created goes again
+                remove_refused_run()
+            _report_and_exit(ex, schema, detail)
+        except Refused as refused:  # before Hydra created anything (densenet_se.run_guard)
+            _report_and_exit(refused.error)
+        except BaseException as ex:  # SIGINT or SIGTERM: one line, and the signal's exit status
+            stopped = interrupted(ex)
+            if stopped is None:
+                raise
+            take_last_result()  # a sweep's summary, already written, is named in the line
+            print(stopped.message(), file=sys.stderr)
+            file_only(log, logging.WARNING, stopped.message())
+            sys.exit(stopped.exit_code)
         swept = take_last_result()
         if swept is not None and swept.exit_code:  # every job ran; exit as the worst failed job would alone
             print(f"error: {swept.message()}", file=sys.stderr)
@@ -115,6 +134,10 @@ class HydraJob:
         try:
             return self.task(cfg)
         except Exception as ex:  # noqa: BLE001
+            if _is_user_error(ex):  # refused before it started: Hydra's directory and log file go again
+                from hydra.core.hydra_config import HydraConfig
+
+                remove_refused_run(HydraConfig.get().runtime.output_dir)
             if _wants_trace():
                 raise
             # Exit here, inside the job: re-raised, Hydra would print its own "Error executing job" line too.
@@ -137,6 +160,7 @@ def is_multirun() -> bool:
 
 def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run one sweep job; a failure is logged as one line, recorded in job_status.json, and the sweep goes on.
+    SIGINT or SIGTERM records the job as interrupted, writes the sweep summary, and stops the sweep.
 
     Returns the task's value, or None for a failed job (Optuna then records the trial as failed; a NaN would
     make hydra-optuna-sweeper 1.3 stop the search).
@@ -161,12 +185,27 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             traceback="".join(traceback.format_exception(ex)),
         )
         value = None
+    except BaseException as ex:  # SIGINT or SIGTERM stops the whole sweep, with its summary written
+        stopped = interrupted(ex)
+        if stopped is None:
+            raise
+        status.update(status="interrupted", error=stopped.message(), exit_code=stopped.exit_code)
+        _write_status(job_dir, status, start)
+        summary = Path(hydra_cfg.sweep.dir).resolve() / sweep.SUMMARY_MD
+        if distributed.is_rank_zero():
+            sweep.summarise(summary.parent)
+        hint = f"sweep job {status['job']}" + (f": {stopped.hint}" if stopped.hint else "")
+        raise Interrupted(stopped.signum, f"{hint}; the jobs after it did not run; see {summary}") from None
     else:
         status.update(status="completed", value=value, exit_code=0)
+    _write_status(job_dir, status, start)
+    return value
+
+
+def _write_status(job_dir: Path, status: dict[str, Any], start: float) -> None:
     status["seconds"] = round(time.perf_counter() - start, 3)
     if distributed.is_rank_zero():
         atomic_write_text(job_dir / sweep.STATUS_FILE, json.dumps(status, indent=2, default=str) + "\n")
-    return value
 
 
 def check_multirun_launch(trainer: Any) -> None:
@@ -202,7 +241,9 @@ def _escape_unprintable_output() -> None:
 
 
 def _report_and_exit(ex: BaseException, schema: Any = None, detail: str = "") -> None:
-    print(f"error: {describe(ex, schema)}{detail}", file=sys.stderr)
+    line = f"{describe(ex, schema)}{detail}"
+    print(f"error: {line}", file=sys.stderr)
+    file_only(log, logging.ERROR, line)  # the run's log file tells how it ended too
     if not _is_user_error(ex):
         print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
     sys.exit(exit_status(ex))

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from densenet_se import backbones
 from densenet_se.backbones import DEFAULT_ARCH, SCHEMA_GROUP, ModelSettings
 from densenet_se.checks import Range, Rule, problem
+from densenet_se.console import PRINT_CONFIG_RULE
 from densenet_se.data.sources.base import DEFAULT_SOURCE
 from densenet_se.errors import UserError
 from densenet_se.overrides import closest
@@ -134,7 +135,7 @@ class TrainConfig:
     resume: str | None = None
     test_after_fit: bool = True
     best_report: bool = True
-    print_config: bool = True
+    print_config: Any = "compact"  # compact, full or false (console.PRINT_CONFIG_RULE)
     experiment_name: str | None = None
 
 
@@ -252,6 +253,7 @@ def _integer(ok: Any, words: str) -> Range:
 # the code that uses them (see rules()).
 _RULES: dict[str, Rule] = {
     "seed": Range(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "print_config": PRINT_CONFIG_RULE,
     # Lightning accepts some of these and fails later (a modulo by zero, a bare AssertionError) or trains nothing.
     "trainer.max_epochs": _integer(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 for no limit"),
     "trainer.min_epochs": _integer(lambda v: v >= 0, "an integer >= 0"),

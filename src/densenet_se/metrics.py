@@ -10,6 +10,9 @@ Torch-free at import (the sweep summary is written by the entry point): `Metric.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,3 +87,15 @@ def summary_keys() -> tuple[str, ...]:
 def column_title(key: str) -> str:
     """`test_auroc` -> `test auroc`: the column title of a summary key in sweep_summary.md."""
     return key.replace("_", " ")
+
+
+@contextmanager
+def partial_sample(partial: bool) -> Iterator[None]:
+    """While `partial` (Lightning's sanity check: a few batches, often of one class): no torchmetrics warning that
+    the targets lack a class, which says nothing about the data there. A whole split still warns."""
+    if not partial:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"No (positive|negative) samples in targets", UserWarning)
+        yield

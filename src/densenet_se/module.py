@@ -18,7 +18,7 @@ from densenet_se import backbones
 from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.errors import UserError
 from densenet_se.finetune import param_groups, set_backbone_frozen
-from densenet_se.metrics import BEST, MONITOR, best_sign, logged
+from densenet_se.metrics import BEST, MONITOR, best_sign, logged, partial_sample
 from densenet_se.soft_targets import soft_cross_entropy, target_share
 
 log = logging.getLogger("densenet_se")
@@ -232,7 +232,8 @@ class Classifier(L.LightningModule):
         collection = self.val_metrics if stage == "val" else self.test_metrics
         confmat = self.val_confmat if stage == "val" else self.test_confmat
         # compute() syncs across processes under DDP, so every rank sees whole-set metrics.
-        values = collection.compute()
+        with partial_sample(getattr(self._trainer, "sanity_checking", False)):
+            values = collection.compute()
         matrix = confmat.compute()
         collection.reset()
         confmat.reset()

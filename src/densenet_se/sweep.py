@@ -25,10 +25,14 @@ from densenet_se.folds import aggregate_folds, folds_markdown, write_folds_csv
 from densenet_se.io import atomic_write_text, csv_text
 from densenet_se.metrics import BEST_KEY, best_sign, column_title, logged
 from densenet_se.overrides import override_key
+from densenet_se.run_guard import Refused
 
 log = logging.getLogger("densenet_se")
 
 STATUS_FILE = "job_status.json"
+# How a job ended: completed, failed (an error), interrupted (SIGINT or SIGTERM stopped it and the sweep), or
+# incomplete (no job_status.json: killed outright, or still running).
+JOB_STATUSES = ("completed", "failed", "interrupted", "incomplete")
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MD = "sweep_summary.md"
 # Longer job directory names are cut and end in a hash of the full name (names stay unique and valid).
@@ -220,7 +224,7 @@ def _varying(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 def summary_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     """sweep_summary.md: counts, the best job, the cross-validation table of a k-fold sweep, a row per job."""
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "incomplete")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in JOB_STATUSES}
     lines = [
         "# Sweep summary",
         "",
@@ -306,7 +310,8 @@ class SweepSummary(Callback):
         # Fail before any job starts; cli.check_multirun_launch catches what a job's overrides add.
         processes = distributed.expected_processes(trainer)
         if processes > 1 and "spawn" not in str(trainer.get("strategy", "auto")):
-            raise UserError(multirun_ddp_message(processes))
+            # As Refused: Hydra would turn a UserError raised here into a warning and start every job anyway.
+            raise Refused(UserError(multirun_ddp_message(processes)))
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         # Refreshed after every job, so a sweep that is killed or stops early still has its summary.
@@ -324,7 +329,11 @@ class SweepSummary(Callback):
 
     @staticmethod
     def _summarise(config: DictConfig) -> list[dict[str, Any]]:
-        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        rows = write_summary(sweep_dir)
-        SweepSummary.last_result = SweepResult(sweep_dir, rows)
-        return rows
+        return summarise(Path(str(config.hydra.sweep.dir)).resolve())
+
+
+def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write the summary of `sweep_dir` and keep how the sweep went for the entry point's exit status."""
+    rows = write_summary(sweep_dir)
+    SweepSummary.last_result = SweepResult(sweep_dir, rows)
+    return rows

@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from omegaconf import DictConfig, OmegaConf
 
-from densenet_se.callbacks import RunReport, SeedEachEpoch
-from densenet_se.cli import check_multirun_launch
+from densenet_se import console
+from densenet_se.callbacks import RunReport, SeedEachEpoch, tensorboard_logger
+from densenet_se.cli import check_multirun_launch, is_multirun
 from densenet_se.config import plain, trainer_arguments, validate
 from densenet_se.data import ImageFolderDataModule
 from densenet_se.data.cache import default_cache_dir
 from densenet_se.errors import UserError
+from densenet_se.interrupt import interrupted, signal_of
 from densenet_se.metrics import BEST, MONITOR
-from densenet_se.module import Classifier
+from densenet_se.module import Classifier, unwrap
 from densenet_se.overrides import closest
 from densenet_se.paths import check_outside
-from densenet_se.resume import ResumeSession, prepare_resume
+from densenet_se.resume import ResumeSession, checkpoint_path, prepare_resume
 from densenet_se.rundir import CheckpointPaths, hold_run_dir
 from densenet_se.safety import NonFiniteLossGuard, with_atomic_checkpoints
 from densenet_se.trackers import finish as finish_trackers
 from densenet_se.trackers import log_config
 
 log = logging.getLogger("densenet_se")
+
+# Lightning's ModelSummary lists the module's metric objects too: it is created as the same table of the network
+# alone. (conf/callbacks/ keeps Lightning's name, so run directories made before still resume.)
+SWAPPED_TARGETS = {"lightning.pytorch.callbacks.ModelSummary": "densenet_se.callbacks.NetworkSummary"}
 
 
 def route_lightning_logs() -> None:
@@ -81,8 +90,9 @@ def _instantiate_all(section: DictConfig, what: str) -> list[Any]:
     for name, node in (section or {}).items():
         if node is None or not OmegaConf.is_dict(node) or "_target_" not in node:
             continue
+        swapped = SWAPPED_TARGETS.get(str(node.get("_target_")))
         try:
-            objects.append(instantiate(node))
+            objects.append(instantiate(node, _target_=swapped) if swapped else instantiate(node))
         except Exception as ex:  # the one sentence names the entry that failed
             raise UserError(f"{what}.{name} could not be created: {_cause(ex)}") from ex
     return objects
@@ -166,8 +176,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Traine
     callbacks = [report, *_instantiate_all(cfg.callbacks, "callbacks"), NonFiniteLossGuard()]
     loggers = _instantiate_all(cfg.logger, "logger")
     kwargs = trainer_kwargs(cfg)
-    if kwargs.get("enable_progress_bar") is None:
-        kwargs["enable_progress_bar"] = sys.stdout.isatty()
+    if any(isinstance(c, ModelSummary) for c in callbacks):  # Lightning would add its own, or say it does not
+        kwargs.setdefault("enable_model_summary", False)
+    kwargs["enable_progress_bar"] = console.progress_bars(kwargs.get("enable_progress_bar"))
     if kwargs["enable_progress_bar"] and sys.stdout.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -185,6 +196,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, report: RunReport) -> L.Traine
         raise
     except Exception as ex:  # Lightning's MisconfigurationException names the flag; keep its first line
         raise UserError(f"the trainer settings are invalid: {_cause(ex)}") from ex
+
+
+def resume_hint(cfg: DictConfig, run_dir: Path, report: RunReport) -> str:
+    """What an interrupted run kept, and the command that continues it."""
+    last = checkpoint_path(run_dir)
+    if not last.is_file():
+        return "no epoch had finished, so there is no checkpoint to continue from; start the run again"
+    saved = report.saved_epochs()
+    of = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    what = "the last finished epoch"
+    if saved:
+        what = f"epoch {saved[-1]['epoch'] + 1}" + (f" of {of}" if isinstance(of, int) and of > 0 else "")
+    return f"{what} is saved in {last}; continue with: python train.py resume={shlex.quote(str(run_dir))}"
 
 
 def best_checkpoint_report(
@@ -225,38 +249,59 @@ def run(cfg: DictConfig) -> float | None:
     check_outside("data.cache_dir", cfg.data.cache_dir or default_cache_dir(), data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     with hold_run_dir(run_dir):  # one process writes a run directory at a time
-        return _train(cfg, session, run_dir)
+        # Filled in as the run goes (its hyperparameters once lr_find has run, the split's statement).
+        report = RunReport(run_dir)
+        try:
+            return _train(cfg, session, run_dir, report)
+        except BaseException as ex:  # SIGINT or SIGTERM: exit status 130 or 143 and how to continue (cli)
+            if signal_of(ex) is None:
+                raise
+            raise interrupted(ex, resume_hint(cfg, run_dir, report)) from None
 
 
-def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> float | None:
+def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path, report: RunReport) -> float | None:
     """The run once its config passed every check and this process holds the run directory."""
-    if cfg.print_config:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir)
+    console.show_config(cfg, resumed=session is not None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # A resumed run keeps its split.json and bad_files.txt; the new scan must give the same split.
     datamodule = build_datamodule(cfg, None if session else run_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    log.info("%s", console.data_summary(datamodule.split))
     if session is not None:
         session.check_split(datamodule)
         log.info("resuming %s after epoch %d from %s", run_dir, session.epoch, session.checkpoint)
     module = build_module(cfg, datamodule)
     if OmegaConf.select(cfg, "tune.lr_find"):
         tune_learning_rate(cfg, module, datamodule, run_dir, resuming=session is not None)
-    # extra: the split's leakage statement (grouped_split, groups, folds, fold) in every metrics.json write.
-    report = RunReport(run_dir, hparams=hparams_for_logging(cfg), extra=datamodule.split_report)
+    report.hparams = hparams_for_logging(cfg)
+    # The split's leakage statement (grouped_split, groups, folds, fold) in every metrics.json write.
+    report.extra = dict(datamodule.split_report)
     trainer = build_trainer(cfg, run_dir, report)
     log_config(trainer.loggers, report.hparams)
+    network = unwrap(module)
+    n = trainer.max_epochs or 0
+    epochs = f"for {n} epoch{'s' if n > 1 else ''}" if n > 0 else "with no epoch limit"
+    log.info(
+        "training %s (%s parameters) on %s %s",
+        type(network).__name__,
+        get_human_readable_count(sum(p.numel() for p in network.parameters())).strip(),
+        trainer.strategy.root_device.type + (f" x{trainer.world_size}" if trainer.world_size > 1 else ""),
+        epochs,
+    )
     check_multirun_launch(trainer)  # Lightning's DDP re-launch cannot run inside a sweep
 
     ckpt_path = str(session.checkpoint) if session else None
     if session is not None:
         session.record()  # every check passed: this session's settings now carry into the next resume
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    if trainer.interrupted:
-        log.warning("training was interrupted; the last checkpoint is in %s", run_dir / "checkpoints")
+    # Resuming continues in a checkpoint folder that holds files by design: Lightning's warning about it is not.
+    expected = [
+        f"Checkpoint directory {c.dirpath} exists and is not empty." for c in trainer.checkpoint_callbacks
+    ]
+    with console.expected_warnings(*(expected if session else [])):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     if cfg.test_after_fit and datamodule.has_test:
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -273,14 +318,21 @@ def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path) -> flo
         report.write_metrics(trainer)
     finish_trackers(trainer.loggers)
     best = report.best()
+    best_path = report.summary(trainer)["best_checkpoint"]
     if best is not None:
         log.info(
             "best %s %.4f at epoch %d; checkpoint %s",
             MONITOR,
             best[f"val_{BEST}"],
             best["epoch"] + 1,
-            report.summary(trainer)["best_checkpoint"],
+            best_path,
         )
+    if trainer.is_global_zero and not is_multirun():  # a sweep names its summary instead
+        last = checkpoint_path(run_dir)
+        for line in console.next_steps(
+            run_dir, best_path or (last if last.is_file() else None), tensorboard_logger(trainer) is not None
+        ):
+            log.info("%s", line)
     return best[f"val_{BEST}"] if best else None
 
 

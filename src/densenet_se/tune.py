@@ -9,15 +9,19 @@ otherwise the run keeps optim.lr and the suggestion is only reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.checks import Range, Rule
+from densenet_se.console import progress_bars
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 
@@ -92,14 +96,15 @@ def find_lr(
         plugins=with_atomic_checkpoints(None),
     )
     configured = float(module.hparams.lr)
-    finder = Tuner(trainer).lr_find(
-        module,
-        datamodule=datamodule,
-        min_lr=float(tune.min_lr),
-        max_lr=float(tune.max_lr),
-        num_training=int(tune.num_training),
-        update_attr=False,
-    )
+    with _range_test_bar(progress_bars(OmegaConf.select(cfg, "trainer.enable_progress_bar"))):
+        finder = Tuner(trainer).lr_find(
+            module,
+            datamodule=datamodule,
+            min_lr=float(tune.min_lr),
+            max_lr=float(tune.max_lr),
+            num_training=int(tune.num_training),
+            update_attr=False,
+        )
     if finder is None:  # fast_dev_run: Lightning skips the test
         return None
     suggested = finder.suggestion()
@@ -137,6 +142,21 @@ def find_lr(
             configured,
         )
     return suggested
+
+
+@contextmanager
+def _range_test_bar(show: bool) -> Iterator[None]:
+    """Lightning's range test draws its own tqdm bar on stderr whatever the trainer says (lightning 2.6 creates
+    its callback with progress_bar_refresh_rate=1); it is drawn only where the training bars are."""
+    from lightning.pytorch.tuner import lr_finder
+
+    drawn = lr_finder.tqdm
+    if not show:
+        lr_finder.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        lr_finder.tqdm = drawn
 
 
 def apply_lr(cfg: DictConfig, module: L.LightningModule, lr: float) -> None:

@@ -88,3 +88,31 @@ def run_cli(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     finally:  # Hydra's handlers write to this test's captured streams, closed once the test ends
         root.handlers[:] = handlers
     return 0
+
+
+def train_process(args: list[str], cwd: Path, stderr: int = subprocess.PIPE) -> subprocess.Popen:
+    """`python train.py args...` started in the background with tests/ importable (helpers.faultinject
+    callbacks); stdout and stderr are pipes of text (stderr=subprocess.STDOUT: one pipe)."""
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
+def signal_at_marker(proc: subprocess.Popen, marker: Path, signum: int) -> tuple[str, str]:
+    """Wait until `marker` exists (a WaitForSignal callback wrote it), send `signum`, and return (stdout, stderr)
+    once the process has ended."""
+    import time
+
+    deadline = time.monotonic() + 600  # a safety net for a hung run, not a timing assertion
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signum)
+    return proc.communicate(timeout=600)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from densenet_se.errors import UserError
+
+log = logging.getLogger("densenet_se.data")
 
 GENERATOR_VERSION = 1  # bump whenever the pictures change, so existing demo sets are regenerated
 MARKER = ".densenet_se_demo.json"
@@ -249,6 +252,9 @@ def ensure_demo_dataset(
             "data.root at a new folder (it is created), or set data.demo=false to train on this folder."
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "making the synthetic demo data set (once): %d images in %s", len(CLASSES) * images_per_class, root
+    )
     _remove_stale_temporaries(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
