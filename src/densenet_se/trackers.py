@@ -87,9 +87,19 @@ def log_config(loggers: list[Any], hparams: dict[str, Any]) -> None:
 
 
 def finish(loggers: list[Any]) -> None:
-    """End the W&B run of this training, so the next run of a sweep in this process starts its own."""
+    """End the W&B run of this training, so the next run of a sweep in this process starts its own.
+
+    `finish()` hands the last records to W&B's service process, which writes them a moment later; `teardown()`
+    waits for it, so the run file is complete when training returns (CI once read it before the service wrote).
+    """
     from lightning.pytorch.loggers import WandbLogger
 
+    finished = False
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger._experiment.finish()
+            finished = True
+    if finished:
+        import wandb
+
+        wandb.teardown()
