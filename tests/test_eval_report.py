@@ -376,3 +376,20 @@ def test_split_images_are_the_cached_images_whatever_the_cache(tmp_path, cache):
         got_images, got_labels, got_paths = other.split_images(split)
         assert got_paths == expected_paths == [rel for rel, _ in memory.split[split]]
         assert torch.equal(got_labels, expected_labels) and torch.equal(got_images, expected_images)
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        (1.0, "1.000"),
+        (0.9999999403953552, "1.000"),
+        (1e-7, "0.000"),
+        (0.99996, "0.99996"),
+        (0.8766, "0.877"),
+        (None, "-"),
+    ],
+)
+def test_report_numbers_show_three_decimals_and_more_only_where_three_would_hide_an_error(value, shown):
+    from densenet_se.report_html import _num
+
+    assert _num(value) == shown

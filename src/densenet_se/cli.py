@@ -301,7 +301,7 @@ def describe(ex: BaseException, schema: Any = None) -> str:
         close = config.closest_key(key, schema or config.TrainConfig)
         if close == key:  # a real argument that the YAML does not list
             return f"{key} is not in the config; add it with +{key}=VALUE"
-        hint = f"; did you mean {close}?" if close else "; see the keys in conf/ or the README"
+        hint = f"; did you mean {close}?" if close else "; the keys are listed, with comments, in conf/"
         return f"{key} is not a valid config key{hint}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause.msg if hasattr(cause, 'msg') else str(cause))}"

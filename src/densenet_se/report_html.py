@@ -59,9 +59,11 @@ def _num(value: Any) -> str:
     """3 decimals, more when 3 would round a value that is not exactly 0 or 1 to 0.000 or 1.000."""
     if value is None:
         return "-"
+    if min(abs(value), abs(value - 1.0)) < 1e-6:  # float32 noise of an exact 0 or 1 (AUROC 0.99999994)
+        return f"{round(value):.3f}"
     for digits in range(3, 7):
         text = f"{value:.{digits}f}"
-        if float(text) not in (0.0, 1.0) or value in (0.0, 1.0):
+        if float(text) not in (0.0, 1.0):
             return text
     return text
 
