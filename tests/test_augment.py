@@ -328,6 +328,7 @@ def test_schema_defaults_change_nothing_and_match_the_builders():
         assert {k: params[k].default for k in keys} == {k: defaults[k] for k in keys}, builder.__name__
 
 
+@pytest.mark.slow
 def test_presets_compose(tmp_path):
     light = compose_cfg(tmp_path, ["augment=light"]).augment
     assert (light.policy, light.hflip, light.vflip, light.rotation, light.crop_scale_min) == (
@@ -380,6 +381,7 @@ def test_mix_prob_zero_gives_one_hot_targets_and_unmixed_images():
     assert torch.equal(out, images) and torch.equal(targets, torch.eye(3)[labels])
 
 
+@pytest.mark.slow
 def test_the_retired_switch(tmp_path):
     from densenet_se.config import validate
 

@@ -127,6 +127,7 @@ def test_an_arch_without_a_feature_map_has_no_grad_cam_and_reports_show_the_imag
     assert [p.tobytes() for p in pictures] == [img.permute(1, 2, 0).numpy().tobytes() for img in images]
 
 
+@pytest.mark.slow
 def test_a_pretrained_file_fills_the_backbone_and_the_head_starts_new(tmp_path):
     torch.manual_seed(1)
     imagenet = torchvision.models.resnet18(num_classes=1000).state_dict()  # stands in for ImageNet's weights
@@ -176,6 +177,7 @@ def test_imagenet_weights_come_from_torchvisions_url_or_one_sentence_says_where_
     assert module.model.pretrained_report.source == "torchvision's ResNet18_Weights.IMAGENET1K_V1"
 
 
+@pytest.mark.slow
 def test_weights_of_another_model_are_one_sentence(tmp_path):
     deeper, other = tmp_path / "resnet34.pt", tmp_path / "mobilenet.pt"
     torch.save(torchvision.models.resnet34().state_dict(), deeper)
@@ -210,6 +212,7 @@ def test_fine_tuning_trains_torchvisions_head_at_lr_and_freezes_the_rest():
     ]
 
 
+@pytest.mark.slow
 def test_model_torchvision_composes_validates_and_refuses_in_one_sentence(tmp_path):
     cfg = compose_cfg(tmp_path, ["model=resnet50"])
     validate(cfg)
@@ -262,6 +265,7 @@ def tv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return checkpoint_run(tmp_path_factory.mktemp("tv"), {"a": 3, "b": 3, "c": 3}, TV_SETTINGS)
 
 
+@pytest.mark.slow
 def test_eval_on_a_torchvision_checkpoint(tv_checkpoint, tmp_path):
     ckpt = tv_checkpoint["ckpt"]
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["model"] == {
@@ -289,6 +293,7 @@ def test_eval_on_a_torchvision_checkpoint(tv_checkpoint, tmp_path):
     assert (tmp_path / "report.html").is_file() and (tmp_path / "top_losses.png").is_file()
 
 
+@pytest.mark.slow
 def test_predict_with_grad_cam_on_a_torchvision_checkpoint(tv_checkpoint, tmp_path):
     ckpt, inbox = tv_checkpoint["ckpt"], tv_checkpoint["images"] / "a"
     out = tmp_path / "p.csv"

@@ -7,6 +7,7 @@ import re
 import sys
 
 import lightning as L
+import pytest
 
 from helpers.config import ROOT, TINY
 
@@ -22,6 +23,7 @@ def _script(name: str):
 TINY_MODEL = ["model.growth_rate=4", "model.block_config=[1,1]", "model.num_init_features=8"]
 
 
+@pytest.mark.slow
 def test_epoch_floor_prints_the_ratio_and_names_the_overhead(capsys):
     floor = _script("epoch_floor")
     args = ["--epochs", "2", "--profile-epochs", "1", "--images-per-class", "10", "--image-size", "32"]
@@ -44,6 +46,7 @@ def test_epoch_floor_prints_the_ratio_and_names_the_overhead(capsys):
     assert any(line.startswith("  all callback hooks together:") for line in lines)
 
 
+@pytest.mark.slow
 def test_predict_throughput_compares_each_worker_count_with_the_floor(capsys):
     bench = _script("predict_throughput")
     bench.main(

@@ -73,6 +73,7 @@ def test_split_json_records_each_images_sha256_digest(tree, tmp_path):
         assert saved["digests"][rel] == hashlib.sha256((tree / rel).read_bytes()).hexdigest()[:32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["every image", "one image, size and mtime kept"])
 def test_resume_refuses_other_pixels_under_the_same_names(tmp_path, how):
     images = make_tree(tmp_path / "images", {"Monkeypox": 12, "Others": 12}, size=40)
@@ -94,6 +95,7 @@ def test_resume_refuses_other_pixels_under_the_same_names(tmp_path, how):
     assert "\n" not in message and message.endswith("or start a new run instead of resume=.")
 
 
+@pytest.mark.slow
 def test_resume_of_an_older_run_without_digests_warns_and_continues(tmp_path, caplog):
     images = make_tree(tmp_path / "images", {"Monkeypox": 12, "Others": 12}, size=40)
     run_dir = _trained(tmp_path, images)
@@ -230,6 +232,7 @@ print("ok", total > 0)
 """
 
 
+@pytest.mark.slow
 def test_truncating_the_cache_file_during_a_run_cannot_kill_it(tree, tmp_path):
     # In a subprocess: with a memory-mapped cache this was a SIGBUS, which would take pytest down with it.
     env = subprocess_env()

@@ -83,6 +83,7 @@ def ema_run(tmp_path_factory):
     return cfg, base / "run"
 
 
+@pytest.mark.slow
 def test_validation_best_checkpoint_and_test_use_the_average(ema_run):
     cfg, run_dir = ema_run
     best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
@@ -100,6 +101,7 @@ def test_validation_best_checkpoint_and_test_use_the_average(ema_run):
     assert metrics["test"]["loss"] == pytest.approx(_mean_loss(averaged, dm.test_dataloader()), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_predict_and_export_read_the_average(ema_run, tmp_path):
     import densenet_se.evaluate as evaluate
     import densenet_se.export as export
@@ -135,6 +137,7 @@ def test_eval_predict_and_export_read_the_average(ema_run, tmp_path):
         assert torch.equal(exported[key.removeprefix("model.")], value), key
 
 
+@pytest.mark.slow
 def test_resume_continues_the_average_exactly(tmp_path):
     images = make_image_folder(tmp_path / "images", CLASSES, size=40)
     args = [*TINY, f"data.root={images}", *EMA, "model.drop_rate=0.2", "augment=light"]

@@ -107,6 +107,7 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+@pytest.mark.slow
 def test_eval_json_has_intervals_threshold_and_calibration(evaluated, run_dir):
     m = json.loads((evaluated / "eval.json").read_text())
     assert m["n"] == len(split_files(run_dir / "split.json", "test"))
@@ -158,6 +159,7 @@ def test_report_html_is_one_self_contained_page(evaluated):
     assert "chosen on the validation split to reach sensitivity >= 0.8" in text
 
 
+@pytest.mark.slow
 def test_threshold_chosen_on_the_reported_split_is_flagged_optimistic(run_dir, tmp_path):
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     m = evaluate.run(
@@ -285,6 +287,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("entry", "args", "expected"), BAD, ids=[f"{e}-{'-'.join(a)}" for e, a, _ in BAD])
 def test_bad_input_is_one_sentence_and_exit_2(
     entry, args, expected, run_dir, evaluated, bad_files, tmp_path, monkeypatch, capsys
@@ -337,6 +340,7 @@ def test_evaluate_and_the_end_of_run_report_import_no_task():
         assert "densenet_se.inference" in reachable(user), user
 
 
+@pytest.mark.slow
 def test_training_writes_the_report_of_its_best_checkpoint_for_three_classes(tmp_path):
     images = make_image_folder(tmp_path / "images", {"a": 14, "b": 14, "c": 14}, size=40)
     overrides = [*TINY, f"data.root={images}", "data.test_fraction=0.25", "best_report=true"]

@@ -54,6 +54,7 @@ def test_best_checkpoint_on_val_reproduces_training_exactly(run_dir, tmp_path):
         assert im.size[0] > 100 and im.size[1] > 100
 
 
+@pytest.mark.slow
 def test_test_and_all_splits_use_the_runs_files(run_dir, tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     test = evaluate.run(eval_cfg(tmp_path / "t", [f"ckpt_path={ckpt}", "split=test"]))
@@ -87,6 +88,7 @@ def test_removed_image_is_one_clear_error_or_skipped_with_on_missing(run_dir, tm
     assert result["missing"] == [[str(copy / gone_rel), "missing"]]
 
 
+@pytest.mark.slow
 def test_split_file_is_required_and_checked(run_dir, tmp_path):
     lone = tmp_path / "elsewhere" / "best.ckpt"
     lone.parent.mkdir()
@@ -150,6 +152,7 @@ def test_compute_metrics_per_class_values():
     assert "sensitivity" not in three and three["precision_c"] is None and three["recall_c"] == 0.0
 
 
+@pytest.mark.slow
 def test_eval_py_prints_the_table_and_writes_its_run_dir(run_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eval_run"
     status = run_cli(

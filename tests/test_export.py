@@ -94,6 +94,7 @@ def test_state_dict_loads_as_pretrained_and_with_weights_only(run_dir, ckpt_path
         assert torch.equal(net(x), build_classifier(load_checkpoint(ckpt_path))(x))
 
 
+@pytest.mark.slow
 def test_export_py_defaults_to_its_run_dir_and_rejects_bad_values(ckpt_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "export_run"
     status = run_cli(

@@ -26,6 +26,7 @@ def _pretrained_file(tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
     return str(path), state
 
 
+@pytest.mark.slow
 def test_experiment_composes_the_recipe(tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=finetune"])
     assert cfg.model.pretrained == "imagenet" and list(cfg.model.block_config) == [6, 12, 24, 16]

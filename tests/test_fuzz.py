@@ -87,6 +87,7 @@ def assert_only_bad_file_path(path: Path) -> None:
     assert torch.equal(load_image(path, 32, LIMIT), image)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_random_bytes_are_bad_files(tmp_path, data):
@@ -95,6 +96,7 @@ def test_random_bytes_are_bad_files(tmp_path, data):
     assert_only_bad_file_path(path)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=mutated_images())
 def test_mutated_images_decode_or_are_bad_files(tmp_path, data):

@@ -130,6 +130,7 @@ def test_the_log_file_escapes_names_that_are_not_utf8(tmp_path, capsys):
     assert "Logging error" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_class_folder_that_is_not_utf8_trains_evaluates_and_predicts(tmp_path, monkeypatch):
     data = make_tree(tmp_path / "data", {"Monkeypox": 12, "Others": 12}, size=40)
     os.rename(data / "Others", os.fsdecode(bytes(data) + b"/" + CLASS_BYTES))

@@ -72,6 +72,7 @@ def test_export_refuses_a_sidecar_that_would_replace_the_checkpoint(setup, tmp_p
     assert f"would write {ckpt}, which would overwrite the checkpoint ckpt_path" in line
 
 
+@pytest.mark.slow
 def test_predict_output_inside_the_input_folder_needs_an_explicit_yes(setup, tmp_path, monkeypatch, refused):
     inside = setup["images"] / "preds.csv"
     args = [f"ckpt_path={setup['ckpt']}", f"input={setup['images']}", f"output={inside}"]
@@ -123,6 +124,7 @@ def test_predict_output_naming_a_folder_is_refused(setup, tmp_path, refused):
     assert f"output={tmp_path} names a folder where a file goes" in line
 
 
+@pytest.mark.slow
 def test_eval_output_inside_the_data_or_over_the_runs_files_is_refused(
     setup, tmp_path, monkeypatch, capsys, refused
 ):

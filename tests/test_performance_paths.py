@@ -41,6 +41,7 @@ def test_gpu_preset_sets_the_fast_path(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_gpu_preset_yields_to_the_command_line_and_is_shared_by_ddp(tmp_path):
     cfg = compose_cfg(tmp_path, ["trainer=gpu", "data.cache=memory", "model.channels_last=false"])
     assert cfg.data.cache == "memory" and cfg.model.channels_last is False
@@ -148,6 +149,7 @@ def host_reads(monkeypatch) -> Counter:
     return counts
 
 
+@pytest.mark.slow
 def test_training_steps_add_no_host_reads(tmp_path, image_folder, host_reads, monkeypatch):
     # Same run with 2 and with 6 training steps: every host read must be per epoch, none per step. Logged
     # every step, with a logger, checkpoints and an LR monitor, as in real runs (the NaN guard reads each
@@ -223,6 +225,7 @@ def _benchmark_module(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_compare_notebook_prints_its_table(capsys):
     # In-process (its own entry point, argv and all): a subprocess would spend most of the time importing.
     compare = _benchmark_module("compare_notebook")

@@ -93,6 +93,7 @@ def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
     assert any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 2.5, 5))
 
 
+@pytest.mark.slow
 def test_the_pictures_need_no_matplotlib_and_matplotlib_figures_still_save(tmp_path):
     import subprocess
     import sys

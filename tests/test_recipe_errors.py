@@ -10,6 +10,7 @@ from densenet_se.train import run
 from helpers.config import CONF
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -22,6 +22,7 @@ def recipes():
     return module
 
 
+@pytest.mark.slow
 def test_digits_image_folder_is_scikit_learns_digits(recipes, tmp_path):
     from sklearn.datasets import load_digits
 
@@ -47,6 +48,7 @@ def test_table_gives_mean_and_sample_std_per_recipe(recipes):
     assert re.search(r"\| augment=light \| - \| - \|", text)  # not run: shown as missing, not as zero
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_runs_end_to_end(recipes, tmp_path):
     summary = recipes.main(
         [

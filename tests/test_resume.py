@@ -146,6 +146,7 @@ def saved_run(tmp_path: Path, **changes) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_uses_the_runs_own_config_and_the_allowed_overrides(tmp_path):
     run_dir = saved_run(tmp_path)
     composed = compose_cfg(tmp_path, ["trainer.max_epochs=5", "data.root=/moved/images"])  # default model
@@ -248,6 +249,7 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_refused_before_any_work(tm
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
 
 
+@pytest.mark.slow
 def test_a_run_from_before_model_arch_resumes_as_densenet_se(tmp_path):
     from densenet_se.config import validate
     from densenet_se.resume import prepare_resume

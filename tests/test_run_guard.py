@@ -19,6 +19,7 @@ def _train(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
     return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refusal", ["config error", "missing data", "run dir inside the data"])
 def test_a_run_refused_before_it_starts_creates_nothing(tmp_path, monkeypatch, capsys, refusal):
     images = make_image_folder(tmp_path / "images", {"a": 3, "b": 3}, size=32)

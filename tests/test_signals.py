@@ -171,6 +171,7 @@ def test_sigterm_outside_lightning_raises_at_once_and_the_default_comes_back():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+@pytest.mark.slow
 def test_lightning_and_slurm_requeue_stay_in_charge_while_training(tmp_path, monkeypatch):
     # SLURM's requeue signal makes Lightning save an hpc checkpoint and requeue the job (a fake scontrol records
     # it); the SIGTERM that follows ends training at the batch's end, and the run exits as SIGTERM (143).

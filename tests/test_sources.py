@@ -252,6 +252,7 @@ def test_data_source_and_labels_are_checked_before_any_work(tree, tmp_path):
         assert str(info.value).startswith(message), str(info.value)
 
 
+@pytest.mark.slow
 def test_each_sources_yaml_chooses_it_and_comments_every_key(tmp_path):
     keys = set(OmegaConf.structured(DataConfig))
     for source in sources.registry().values():

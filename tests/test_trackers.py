@@ -19,6 +19,7 @@ def images(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images", {"a": 12, "b": 12})
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_holds_the_runs_metrics_and_settings(tmp_path, images, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -58,6 +59,7 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_into_the_run_directory(tmp_path, images, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")

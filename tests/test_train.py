@@ -17,6 +17,7 @@ from helpers.images import split_files
 from helpers.runs import run_train, subprocess_env
 
 
+@pytest.mark.slow
 def test_in_process_run_writes_metrics_and_checkpoints(tmp_path, image_folder):
     cfg = compose_cfg(tmp_path, [*TINY, f"data.root={image_folder}", "data.test_fraction=0.2"])
     best = run(cfg)
@@ -156,6 +157,7 @@ def test_two_runs_started_together_get_different_directories(tmp_path, image_fol
     assert len(runs) == 2 and runs[0] != runs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

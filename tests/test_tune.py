@@ -32,6 +32,7 @@ def steepest_descent_lr(lrs: list[float], losses: list[float | None]) -> float:
     return float(lr[finite][np.argmin(np.gradient(loss[finite], lr[finite]))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("apply", [True, False])
 def test_lr_find_writes_its_curve_and_applies_the_suggestion_only_when_asked(tmp_path, capsys, apply):
     images = make_image_folder(tmp_path / "images", {"a": 16, "b": 16})

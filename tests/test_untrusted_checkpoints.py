@@ -193,6 +193,7 @@ def test_crafted_archives_are_refused_before_they_are_read(tmp_path, kind):
     assert "\n" not in message and message.endswith("."), message
 
 
+@pytest.mark.slow
 def test_parameter_count_matches_the_built_network():
     # The bound is computed without building the network; the network itself is the reference.
     layouts = [
@@ -215,6 +216,7 @@ def test_honest_checkpoints_still_load(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["eval", "predict", "export"])
 @pytest.mark.parametrize("name", ["image_size_str", "std_zero", "layers"])
 def test_entry_points_refuse_crafted_checkpoints_with_exit_2(tmp_path, monkeypatch, capsys, tool, name):
@@ -229,6 +231,7 @@ def test_entry_points_refuse_crafted_checkpoints_with_exit_2(tmp_path, monkeypat
     assert expected in lines[0]
 
 
+@pytest.mark.slow
 def test_refusals_stay_within_bounded_memory_through_the_entry_points(tmp_path):
     """Each crafted file would need 2 GiB or more; under a 768 MiB allowance each is refused with exit 2."""
     images = tmp_path / "images"

@@ -45,6 +45,7 @@ def _savetxt(marker: Path) -> dict:
     return {"_target_": "numpy.savetxt", "fname": str(marker), "X": [1.0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where", ["callbacks.x", "logger.x", "nested", "trainer.plugins", "decoded", "dirpath_outside"]
 )
@@ -98,6 +99,7 @@ def test_the_allow_list_is_what_conf_ships():
     assert allowed["logger"]["lightning.pytorch.loggers.CSVLogger"] == {"save_dir"}
 
 
+@pytest.mark.slow
 def test_a_failed_resume_records_no_session(tmp_path, monkeypatch, capsys):
     run_dir = resumable_run(tmp_path)
     status, lines = _resume(run_dir, monkeypatch, capsys, "+trainer.max_time=abc")
@@ -117,6 +119,7 @@ def _record(run_dir: Path, name: str, **values: object) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_bad_session_record_never_steers_a_later_resume(tmp_path, caplog):
     run_dir = resumable_run(tmp_path)
     good = _record(run_dir, "2030-01-01", **{"trainer.max_epochs": 7})
@@ -148,6 +151,7 @@ def test_a_held_run_directory_names_its_holder(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_resume_while_another_process_holds_the_run_waits_its_turn(tmp_path, monkeypatch, capsys):
     run_dir = resumable_run(tmp_path)
     holder = subprocess.Popen(
@@ -206,6 +210,7 @@ def test_a_checkpoint_naming_files_outside_its_folder_is_refused(tmp_path, name)
         relocate_state(state, str(tmp_path / "new" / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_resuming_a_copied_run_directory_keeps_its_best_checkpoint(tmp_path, monkeypatch):
     images = make_image_folder(tmp_path / "images", {"Monkeypox": 12, "Others": 12})
     cfg = compose_cfg(tmp_path / "a", [*TINY, f"data.root={images}", "print_config=false", "optim.lr=0.05"])
