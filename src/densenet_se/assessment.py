@@ -267,7 +267,10 @@ def assess(outputs: Outputs, settings: Settings, val: Outputs | None = None) -> 
         )
         add_intervals(plain_metrics, alone.probs, outputs.labels, alone_preds, settings)
         plain_metrics.update(calibration.calibration_metrics(alone.probs, alone.log_probs, outputs.labels))
-        metrics["without_tta"] = {**headline(plain_metrics), **{k: plain_metrics[k] for k in ("ece", "nll")}}
+        metrics["without_tta"] = {
+            **headline(plain_metrics),
+            **{k: plain_metrics[k] for k in ("ece", "nll", "brier")},
+        }
     losses = -combined.log_probs.gather(1, outputs.labels.view(-1, 1)).squeeze(1)
     classes = [positive] if len(names) == 2 else list(range(len(names)))
     return Assessment(

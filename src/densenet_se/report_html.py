@@ -197,9 +197,8 @@ def _calibration(m: dict[str, Any]) -> dict[str, Any]:
         columns, values, notes = ["value"], {k: [_num(m[k])] for k in keys}, []
     if m.get("without_tta"):
         columns.append("without TTA")
-        for k in ("ece", "nll"):
-            values[k].append(_num(m["without_tta"][k]))
-        values["brier"].append("-")
+        for k in keys:
+            values[k].append(_num(m["without_tta"].get(k)))
     rows = [
         {
             "name": k.upper() if k != "brier" else "Brier",
