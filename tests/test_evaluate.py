@@ -179,7 +179,12 @@ def test_eval_py_prints_the_table_and_writes_its_run_dir(run_dir, tmp_path, monk
         assert word in printed, word
     assert f"written to {out}" in printed
     assert json.loads((out / "eval.json").read_text())["acc"] == best
-    assert (out / "confusion_matrix.png").is_file() and (out / "eval.log").is_file()
+    assert (out / "confusion_matrix.png").is_file()
+    # The printed report is kept in eval.log too, and the console shows it once (not also as a log line).
+    accuracy = next(line.strip() for line in printed.splitlines() if "(training logged" in line)
+    assert printed.count(accuracy) == 1 and printed.count(f"written to {out}") == 1
+    log_text = (out / "eval.log").read_text()
+    assert accuracy in log_text and f"written to {out}" in log_text
     assert (out / ".hydra" / "config.yaml").is_file()
 
 
@@ -218,3 +223,18 @@ def test_yaml_defaults_mirror_the_schemas(name):
     node.pop("defaults")
     node.pop("hydra")
     assert node == OmegaConf.to_container(OmegaConf.structured(schema))
+
+
+@pytest.mark.parametrize("content", ["[]", '{"epochs": [3]}', '{"epochs": {"1": 0.5}}'])
+def test_a_broken_metrics_json_gives_no_training_figure(tmp_path, content):
+    (tmp_path / "metrics.json").write_text(content)
+    assert evaluate.logged_val_acc(tmp_path, {"epoch": 1}) is None
+
+
+def test_logged_val_acc_reads_the_checkpoints_epoch(tmp_path):
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"epochs": [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1}]})
+    )
+    assert evaluate.logged_val_acc(tmp_path, {"epoch": 0}) == 0.5
+    assert evaluate.logged_val_acc(tmp_path, {"epoch": 1}) is None
+    assert evaluate.logged_val_acc(tmp_path, {}) is None

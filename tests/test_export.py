@@ -102,7 +102,9 @@ def test_export_py_defaults_to_its_run_dir_and_rejects_bad_values(ckpt_path, tmp
     )
     assert status == 0
     assert (out / "model.pt").is_file() and (out / "model.json").is_file()
-    assert f"to {out / 'model.pt'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.count(f"to {out / 'model.pt'}") == 1  # once on the console, and kept in export.log
+    assert f"exported {ckpt_path} as state_dict to {out / 'model.pt'}" in (out / "export.log").read_text()
     status = run_cli(
         "export", [f"ckpt_path={ckpt_path}", "format=tflite", f"hydra.run.dir={out}"], monkeypatch
     )

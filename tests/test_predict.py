@@ -162,5 +162,7 @@ def test_predict_py_writes_into_its_run_dir(ckpt_path, mixed_folder, tmp_path, m
     assert status == 0
     assert len(read_csv(out / "predictions.csv")) == 3
     assert len((out / "predictions_skipped.txt").read_text().splitlines()) == 2
-    assert "wrote 3 prediction(s)" in (out / "predict.log").read_text()
+    log_text = (out / "predict.log").read_text()
+    assert "wrote 3 prediction(s)" in log_text
+    assert f"[WARNING] - skipped {mixed_folder / 'broken.jpg'}: " in log_text  # printed on stderr, kept here
     assert (out / ".hydra" / "config.yaml").is_file()

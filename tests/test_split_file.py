@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import densenet_se.data.split as split_module
 from densenet_se.data.split import read_split_file
 from densenet_se.errors import UserError
 from densenet_se.resume import ResumeSession
@@ -75,6 +76,20 @@ def test_a_broken_split_file_is_one_sentence_naming_it(tmp_path, content, expect
     message = str(info.value)
     assert message.startswith(f"split file {path} ") and expected in message, message
     assert "\n" not in message and message.endswith(".")
+
+
+def test_eval_refuses_a_split_json_over_the_size_limit_before_reading_it(made, tmp_path, monkeypatch, capsys):
+    # A real split.json of 1.6 MB against a 1 MiB limit (the real one, 1 GiB, is too big to write in a test).
+    monkeypatch.setattr(split_module, "MAX_SPLIT_BYTES", 1 << 20)
+    _with_val(made, [["a/a_000.png", 0]] * 80_000)
+    assert made["split"].stat().st_size > 1 << 20
+    status = run_cli("eval", [f"ckpt_path={made['ckpt']}", f"hydra.run.dir={tmp_path / 'out'}"], monkeypatch)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and lines == [
+        f"error: split file {made['split']} is larger than 1 MiB, too big to be the split.json that train.py "
+        "wrote in the run's directory."
+    ], lines
+    assert not (tmp_path / "out" / "eval.json").exists()
 
 
 def test_eval_and_resume_report_a_split_json_holding_a_list(made, tmp_path, monkeypatch, capsys):

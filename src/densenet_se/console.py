@@ -136,6 +136,13 @@ def file_only(logger: logging.Logger, level: int, message: str) -> None:
             handler.handle(record)
 
 
+def print_logged(logger: logging.Logger, text: str, stream: Any = None, level: int = logging.INFO) -> None:
+    """Print `text` (stdout, or `stream`) as it is, and put it in the run's log file too: a command's report
+    that is printed, not logged, so that it also shows outside Hydra's logging (in-process callers)."""
+    print(text, file=stream, flush=True)
+    file_only(logger, level, text)
+
+
 # ---------------------------------------------------------------------------------------------- train's lines
 def show_config(cfg: DictConfig, resumed: bool = False) -> None:
     """print_config: compact (the overrides), full or false; the log file always gets the full config."""

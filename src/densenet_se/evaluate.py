@@ -7,7 +7,6 @@ order and batches: `best.ckpt` on `val` gives metrics.json's `best_val_acc` exac
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from densenet_se.calibration import check_calibrate
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device, run_dir_of
 from densenet_se.checks import check
 from densenet_se.config import EvalConfig, EvalDataConfig  # noqa: F401  (schemas, registered in config)
+from densenet_se.console import print_logged
 from densenet_se.data.datamodule import ALLOWED as DATA_ALLOWED
 from densenet_se.data.images import MAX_IMAGE_PIXELS
 from densenet_se.data.split import read_split_file
@@ -260,14 +260,24 @@ def format_report(metrics: dict[str, Any], logged_val_acc: float | None = None) 
 
 def logged_val_acc(run_dir: Path | None, ckpt: dict[str, Any]) -> float | None:
     """The val/acc training logged for the checkpoint's epoch (metrics.json), to compare with."""
-    if run_dir is None or not (run_dir / "metrics.json").is_file() or "epoch" not in ckpt:
+    recorded = run_metrics(run_dir) if "epoch" in ckpt else None
+    epochs = recorded.get("epochs") if recorded else None
+    if not isinstance(epochs, list):
+        return None
+    row = next((r for r in epochs if isinstance(r, dict) and r.get("epoch") == ckpt["epoch"]), None)
+    return row.get("val_acc") if row else None
+
+
+def run_metrics(run_dir: Path | None) -> dict[str, Any] | None:
+    """The training run's metrics.json (untrusted: size-bounded), or None if it is missing or unreadable."""
+    from densenet_se.io import read_json_object
+
+    if run_dir is None or not (run_dir / "metrics.json").is_file():
         return None
     try:
-        epochs = json.loads((run_dir / "metrics.json").read_text()).get("epochs", [])
-    except (OSError, ValueError):
+        return read_json_object(run_dir / "metrics.json", "metrics.json", "a metrics.json")
+    except UserError:
         return None
-    row = next((r for r in epochs if r.get("epoch") == ckpt["epoch"]), None)
-    return row.get("val_acc") if row else None
 
 
 # ---------------------------------------------------------------------------------------------------- task
@@ -312,15 +322,9 @@ def settings_from(cfg: DictConfig, class_names: list[str]) -> Settings:
 
 def leakage(run_dir: Path | None) -> str:
     """The training run's statement on near-duplicates across splits, from its metrics.json (untrusted)."""
-    from densenet_se.io import read_json_object
     from densenet_se.report_html import leakage_statement
 
-    if run_dir is None or not (run_dir / "metrics.json").is_file():
-        return leakage_statement(None)
-    try:
-        return leakage_statement(read_json_object(run_dir / "metrics.json", "metrics.json", "a metrics.json"))
-    except UserError:
-        return leakage_statement(None)
+    return leakage_statement(run_metrics(run_dir))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -396,6 +400,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.split == "val" and settings.threshold is None and not settings.target and cfg.tta == "none"
     )
     logged = logged_val_acc(run_dir, ckpt) if comparable else None
-    print(format_report(metrics, logged), flush=True)
-    print(f"{', '.join(written)} written to {out_dir}", flush=True)
+    print_logged(log, format_report(metrics, logged))
+    print_logged(log, f"{', '.join(written)} written to {out_dir}")
     return metrics

@@ -20,6 +20,7 @@ from densenet_se import backbones
 from densenet_se.calibration import load_calibration
 from densenet_se.checkpoint import build_classifier, load_checkpoint
 from densenet_se.config import ExportConfig  # noqa: F401  (schemas, registered in config)
+from densenet_se.console import print_logged
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from densenet_se.module import unwrap
@@ -212,5 +213,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     f"{'legacy' if cfg.exporter == 'dynamo' else 'dynamo'}."
                 )
     atomic_write_text(side, json.dumps(sidecar(ckpt, cfg.format, cfg.ckpt_path, extra), indent=2) + "\n")
-    print(f"exported {cfg.ckpt_path} as {cfg.format} to {output} (sidecar {side})", flush=True)
+    print_logged(log, f"exported {cfg.ckpt_path} as {cfg.format} to {output} (sidecar {side})")
     return {"output": output, "sidecar": side, **extra}

@@ -115,23 +115,27 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
-def read_bounded(path: str | os.PathLike[str], key: str, what: str, max_bytes: int) -> bytes:
+def read_bounded(
+    path: str | os.PathLike[str], key: str, what: str, max_bytes: int, *, name: str | None = None
+) -> bytes:
     """The bytes of a file a person passes in as `key=path`, at most `max_bytes`; UserError (one sentence) if it is
     missing, unreadable or bigger. The size is checked before anything is read: the file may come from anywhere.
+    `name` is how the messages call the file when it was not given as `key=path` (e.g. "split file RUN/split.json").
     """
     from densenet_se.errors import UserError
 
     file = Path(path).expanduser()
+    name = name or f"{key}={path}"
     if not file.is_file():
-        raise UserError(f"{key}={path} does not exist or is not a file; give {what}.")
-    too_big = f"{key}={path} is larger than {max_bytes >> 20} MiB, too big to be {what}."
+        raise UserError(f"{name} does not exist or is not a file; give {what}.")
+    too_big = f"{name} is larger than {max_bytes >> 20} MiB, too big to be {what}."
     try:
         with open(file, "rb") as f:
             if os.fstat(f.fileno()).st_size > max_bytes:
                 raise UserError(too_big)
             data = f.read(max_bytes + 1)  # one byte more: a file that grew since is refused too
     except OSError as err:
-        raise UserError(f"{key}={path} cannot be read ({err.strerror or err}); give {what}.") from None
+        raise UserError(f"{name} cannot be read ({err.strerror or err}); give {what}.") from None
     if len(data) > max_bytes:
         raise UserError(too_big)
     return data

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from densenet_se.calibration import load_calibration
 from densenet_se.checkpoint import build_classifier, load_checkpoint, pick_device
 from densenet_se.config import PredictConfig  # noqa: F401  (schemas, registered in config)
+from densenet_se.console import print_logged
 from densenet_se.data.filebatches import decoded_batches
 from densenet_se.data.images import IMAGE_EXTENSIONS
 from densenet_se.errors import UserError
@@ -128,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for batch in batches:
         good, images, bad = batch.paths, batch.images, batch.skipped
         for path, reason in bad:
-            print(f"skipped {display_name(str(path))}: {reason}", file=sys.stderr)
+            print_logged(log, f"skipped {display_name(str(path))}: {reason}", sys.stderr, logging.WARNING)
         skipped.extend(bad)
         if images is None:
             continue

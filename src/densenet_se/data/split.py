@@ -16,6 +16,7 @@ from pathlib import Path
 from densenet_se.checks import Range, Rule, at_least, check, interval
 from densenet_se.data.listed import leaves_root
 from densenet_se.errors import UserError, shown
+from densenet_se.io import read_bounded
 
 SPLITS = ("train", "val", "test")
 
@@ -283,6 +284,12 @@ def split_class_counts(split: dict, num_classes: int) -> dict[str, list[int]]:
     return counts
 
 
+# A split.json larger than this is refused before it is read. train.py writes one line per image in each of
+# train/val/test, digests, groups and fold_index: with 100-character paths that is under 512 bytes an image, so
+# 1 GiB holds 2 million images; a bigger file is not one train.py wrote for any data set this project trains.
+MAX_SPLIT_BYTES = 1 << 30
+
+
 def read_split_file(path: str | os.PathLike[str]) -> dict:
     """A run's split.json, checked: a JSON object whose train/val/test lists hold [relative path, class index]
     pairs that stay inside the data folder. UserError (one sentence naming the file) for anything else.
@@ -291,11 +298,11 @@ def read_split_file(path: str | os.PathLike[str]) -> dict:
     outside data.root.
     """
     path = Path(path)
-    hint = "give the split.json that train.py wrote in the run's directory"
+    wanted = "the split.json that train.py wrote in the run's directory"
+    hint = f"give {wanted}"
+    raw = read_bounded(path, "split_file", wanted, MAX_SPLIT_BYTES, name=f"split file {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UserError(f"split file {path} cannot be read ({err.strerror or err}); {hint}.") from None
+        data = json.loads(raw.decode("utf-8"))
     except ValueError as err:  # not JSON, or not UTF-8
         raise UserError(f"split file {path} is not valid JSON ({_first_line(err)}); {hint}.") from None
     if not isinstance(data, dict):
