@@ -4,12 +4,16 @@ what was there before, and a run directory that cannot be written is one sentenc
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 
+from densenet_se.errors import UserError
+from densenet_se.run_guard import check_not_a_run
 from helpers.config import TINY
+from helpers.crafted import resumable_run
 from helpers.images import make_image_folder
 from helpers.runs import run_cli
 
@@ -107,3 +111,52 @@ def test_refused_runs_never_reach_outside_their_own_directories(tmp_path, monkey
     status, _ = _train(monkeypatch, capsys, "data.image_size=16", f"hydra.run.dir={parent / 'new'}")
     assert status == 2 and [p.name for p in parent.iterdir()] == ["older-run"]
     assert Path(parent / "older-run").is_dir()
+
+
+@pytest.mark.parametrize("tool", ["train", "eval", "predict", "export"])
+def test_a_run_directory_that_holds_a_run_is_refused_before_its_record_is_overwritten(
+    tmp_path, monkeypatch, capsys, tool
+):
+    run_dir = resumable_run(tmp_path)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    before = {p: p.read_bytes() for p in [*(run_dir / ".hydra").iterdir(), ckpt]}
+    names = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    args = {
+        "train": TINY,
+        "eval": [f"ckpt_path={ckpt}"],
+        "predict": [f"ckpt_path={ckpt}", f"input={tmp_path / 'images'}"],
+    }
+    args["export"] = [f"ckpt_path={ckpt}", "format=state_dict"]
+    status = run_cli(tool, [*args[tool], f"hydra.run.dir={run_dir}"], monkeypatch)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2
+    assert lines == [
+        f"error: hydra.run.dir={run_dir} already holds a run ({run_dir / '.hydra' / 'config.yaml'} is there), "
+        f"whose record this command would overwrite; continue that training with train.py resume={run_dir}, "
+        "or choose another directory (or leave hydra.run.dir unset)."
+    ]
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == names
+
+
+@pytest.mark.parametrize("marker", ["checkpoints", "metrics.json"])
+def test_checkpoints_or_metrics_alone_mark_a_run_but_requeued_slurm_jobs_and_other_ranks_pass(
+    tmp_path, monkeypatch, marker
+):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if marker == "checkpoints":
+        (run_dir / marker).mkdir()
+    else:
+        (run_dir / marker).write_text("{}")
+    with pytest.raises(UserError, match=re.escape(f"({run_dir / marker} is there)")):
+        check_not_a_run(run_dir)
+    check_not_a_run(tmp_path / "new")  # nothing there yet
+    # The same command again in a requeued SLURM job's own directory continues it (Lightning's hpc checkpoint).
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    check_not_a_run(run_dir)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(UserError):
+        check_not_a_run(run_dir)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP process joining its rank zero's directory
+    check_not_a_run(run_dir)

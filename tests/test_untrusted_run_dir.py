@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from densenet_se.errors import UserError
 from densenet_se.resume import resumed_config
-from densenet_se.rundir import CheckpointPaths, allowed_targets, hold_run_dir, relocate_state
+from densenet_se.rundir import CheckpointPaths, allowed_targets, check_tracking, hold_run_dir, relocate_state
 from densenet_se.train import run
 from helpers.config import ROOT, TINY, compose_cfg
 from helpers.crafted import resumable_run
@@ -241,3 +241,59 @@ def test_resume_never_reads_the_pretrained_file_its_config_names(tmp_path):
     _edit_config(run_dir, **{"model.pretrained": str(planted)})
     cfg = resumed_config(compose_cfg(tmp_path, []), run_dir, ["resume=x"])
     assert cfg.model.pretrained is None and cfg.model.growth_rate == 4
+
+
+def _mlflow(run_dir: Path, **values: object) -> dict:
+    return {
+        "_target_": "densenet_se.trackers.mlflow_logger",
+        "run_dir": str(run_dir),
+        "tracking_uri": None,
+        **values,
+    }
+
+
+def test_resume_refuses_an_mlflow_store_outside_the_run_directory(tmp_path, monkeypatch, capsys):
+    run_dir = resumable_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    _edit_config(run_dir, logger={"mlflow": _mlflow(run_dir, tracking_uri=elsewhere.as_uri())})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    source = run_dir / ".hydra" / "config.yaml"
+    status, lines = _resume(run_dir, monkeypatch, capsys)
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"error: resume={run_dir}: {source} sets logger.mlflow.tracking_uri='{elsewhere.as_uri()}', outside the "
+        "run directory, and a run directory may come from someone else"
+    )
+    assert not elsewhere.exists()
+    assert list((run_dir / ".hydra").glob("resume-*")) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "env", "refused"),
+    [
+        ({"tracking_uri": "{elsewhere}"}, None, "outside the run directory"),
+        ({"tracking_uri": "sqlite:///{elsewhere}/mlflow.db"}, None, "outside the run directory"),
+        ({"save_dir": "{elsewhere}"}, None, "outside the run directory"),
+        ({"tracking_uri": "http://tracker.example:5000"}, None, "a tracking server"),
+        ({"tracking_uri": "http://tracker.example:5000"}, "http://tracker.example:5000", None),
+        ({"save_dir": "{elsewhere}"}, "http://mine:5000", None),  # your own MLFLOW_TRACKING_URI wins
+        ({"tracking_uri": "file://{run}/mlruns"}, None, None),
+        ({"save_dir": "{root}/mlruns"}, None, None),
+    ],
+)
+def test_resumed_mlflow_stores_stay_in_the_run_or_your_default_store(
+    tmp_path, monkeypatch, values, env, refused
+):
+    run_dir, root = tmp_path / "run", tmp_path / "cwd"
+    places = {"elsewhere": tmp_path / "elsewhere", "run": run_dir, "root": root}
+    entry = _mlflow(run_dir, **{k: v.format(**places) for k, v in values.items()})
+    cfg = OmegaConf.create({"logger": {"mlflow": entry}})
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    if refused is None:
+        check_tracking(cfg, root, run_dir / "config.yaml", run_dir)
+    else:
+        with pytest.raises(UserError, match=refused):
+            check_tracking(cfg, root, run_dir / "config.yaml", run_dir)

@@ -25,7 +25,7 @@ from densenet_se.data.split import SPLITS, read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.overrides import override_key
-from densenet_se.rundir import check_targets
+from densenet_se.rundir import check_targets, check_tracking
 
 log = logging.getLogger("densenet_se")
 
@@ -156,6 +156,7 @@ def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) ->
     for key in changed:
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
     check_targets(cfg, source, run_dir)  # again: the carried and command-line values are in now
+    check_tracking(cfg, Path(composed.paths.root_dir).expanduser().resolve(), source, run_dir)
     return cfg
 
 

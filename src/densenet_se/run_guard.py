@@ -6,7 +6,8 @@ written, and notes which directories the run is about to create. When the task t
 status 2: a bad value, a missing folder, an output inside the data) and those directories hold nothing but
 what Hydra and the run lock wrote, `remove_refused_run` deletes them again. A directory that existed before
 (a resumed run, a `hydra.run.dir` chosen by hand) is never removed, nor anything a run wrote into it.
-Torch-free.
+A `hydra.run.dir` that already holds a run is refused before Hydra writes its record over that run's
+(`check_not_a_run`). Torch-free.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from typing import Any, ClassVar
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from densenet_se.distributed import is_rank_zero
 from densenet_se.errors import UserError
 
 # What a run refused before it started can hold: Hydra's record and log file, and the run lock.
 HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
 LOG_SUFFIXES = (".log", ".lock")
+# What marks a directory as holding a run: Hydra's record of its command, its checkpoints, its metrics.
+RUN_MARKERS = (".hydra/config.yaml", "checkpoints", "metrics.json")
 
 
 class Refused(BaseException):
@@ -49,6 +53,8 @@ class RunGuard(Callback):
         existing = nearest_existing(run_dir)
         try:
             check_writable(run_dir, existing)
+            if OmegaConf.select(config, "resume") in (None, ""):  # resume=RUN keeps RUN's record as it was
+                check_not_a_run(run_dir)
         except UserError as error:
             raise Refused(error) from None
         if existing == run_dir:
@@ -82,6 +88,28 @@ def check_writable(run_dir: Path, existing: Path) -> None:
         raise UserError(
             f"{what} read-only for you; choose a writable place ({where}) or fix its permissions."
         )
+
+
+def check_not_a_run(run_dir: Path) -> None:
+    """UserError if `run_dir` already holds a run whose record (.hydra/) and files this command would overwrite.
+
+    A SLURM job that was requeued runs its command again in its own directory (Lightning then resumes from its
+    hpc checkpoint), and a DDP process other than rank zero joins the directory its rank zero made: both pass.
+    """
+    marker = next((run_dir / m for m in RUN_MARKERS if (run_dir / m).exists()), None)
+    if marker is None or not is_rank_zero() or _requeued():
+        return
+    raise UserError(
+        f"hydra.run.dir={run_dir} already holds a run ({marker} is there), whose record this command would "
+        f"overwrite; continue that training with train.py resume={run_dir}, or choose another directory "
+        "(or leave hydra.run.dir unset)."
+    )
+
+
+def _requeued() -> bool:
+    """True in a SLURM job that SLURM restarted (scontrol requeue, Lightning's auto-requeue, a node failure)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return count.isdigit() and int(count) > 0
 
 
 def log_file_error(ex: BaseException) -> UserError | None:

@@ -2,6 +2,8 @@
 
 - What its config may instantiate on resume: only the targets our own config groups define (conf/callbacks,
   conf/logger), with the places they write inside the run directory.
+- Where its MLflow logger may write: a file store inside the run directory or the default store of the command
+  being run; a server only when MLFLOW_TRACKING_URI names it.
 - One process at a time: a lock file held while a run writes into the directory.
 - Its checkpoints' bookkeeping (ModelCheckpoint's best score and file names) follows the directory when it is
   moved or copied, and never names a file outside its checkpoints folder.
@@ -17,12 +19,14 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from densenet_se.errors import UserError, shown
 from densenet_se.paths import is_inside
+from densenet_se.trackers import DEFAULT_STORE
 
 try:  # advisory locks: POSIX only; elsewhere runs are not locked
     import fcntl
@@ -97,6 +101,43 @@ def check_targets(cfg: DictConfig, source: Path, run_dir: Path, conf: Path | Non
                     f"resume={run_dir}: {source} sets {group}.{path[1]}.{place}={value}, outside the run "
                     f"directory, and a resumed run writes only inside it; {advice}."
                 )
+
+
+def check_tracking(cfg: DictConfig, root_dir: Path, source: Path, run_dir: Path) -> None:
+    """UserError naming the key if a logger of the resumed `cfg` would write an MLflow store outside `run_dir`
+    and `root_dir`/mlruns (the default store of the command being run), or send to a server that
+    $MLFLOW_TRACKING_URI (your own setting) does not name."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    loggers = OmegaConf.to_container(cfg, resolve=True).get("logger") or {}
+    for name, entry in loggers.items() if isinstance(loggers, dict) else ():
+        if not isinstance(entry, dict) or "tracking_uri" not in entry:
+            continue
+        uri, key = entry.get("tracking_uri"), f"logger.{name}.tracking_uri"
+        if not uri and env:
+            continue  # your environment's store
+        if not uri:
+            uri, key = str(entry.get("save_dir") or DEFAULT_STORE), f"logger.{name}.save_dir"
+        place = _file_store(str(uri))
+        if place is None and uri == env:
+            continue
+        if place is None or not (is_inside(place, run_dir) or is_inside(place, root_dir / DEFAULT_STORE)):
+            where = "a tracking server" if place is None else "outside the run directory"
+            raise UserError(
+                f"resume={run_dir}: {source} sets {key}={shown(uri, 300)}, {where}, and a run directory may come from "
+                f"someone else, so a resumed run logs only inside it or to {root_dir / DEFAULT_STORE} (or to the "
+                f"server MLFLOW_TRACKING_URI names); remove it from {source} if you trust that file, or start a "
+                "new run."
+            )
+
+
+def _file_store(uri: str) -> str | None:
+    """The local path an MLflow tracking URI writes (a path, file:, sqlite:), or None for a server."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return unquote(parsed.path) if parsed.scheme else uri
+    if parsed.scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db
+        return unquote(parsed.path[1:]) or "."
+    return None
 
 
 def _targets(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:

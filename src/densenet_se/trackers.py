@@ -15,6 +15,8 @@ from typing import Any
 from densenet_se.errors import UserError
 
 DEFAULT_PROJECT = "densenet-se"
+# MLflow's local file store, in the directory you run in (conf/logger/mlflow.yaml: ${paths.root_dir}/mlruns).
+DEFAULT_STORE = "mlruns"
 
 
 def _require(module: str, extra: str, preset: str) -> None:
@@ -33,7 +35,7 @@ def run_name(run_dir: str | Path) -> str:
 
 def mlflow_logger(
     run_dir: str,
-    save_dir: str = "mlruns",
+    save_dir: str = DEFAULT_STORE,
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
     tags: dict[str, Any] | None = None,
