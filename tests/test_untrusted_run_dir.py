@@ -297,3 +297,25 @@ def test_resumed_mlflow_stores_stay_in_the_run_or_your_default_store(
     else:
         with pytest.raises(UserError, match=refused):
             check_tracking(cfg, root, run_dir / "config.yaml", run_dir)
+
+
+@pytest.mark.parametrize("content", ["big", "not_yaml"])
+def test_an_oversized_or_broken_run_config_is_one_sentence_before_it_is_parsed(
+    tmp_path, monkeypatch, capsys, content
+):
+    import densenet_se.rundir as rundir
+
+    run_dir = resumable_run(tmp_path)
+    source = run_dir / ".hydra" / "config.yaml"
+    if content == "big":  # a real file over a lowered limit: refused from its size, before the parser sees it
+        monkeypatch.setattr(rundir, "MAX_RUN_YAML_BYTES", 1 << 20)
+        source.write_text(source.read_text() + "# padding\n" * 120_000)
+        expected = (
+            f"error: run file {source} is larger than 1 MiB, too big to be the file train.py wrote there"
+        )
+    else:
+        source.write_bytes(b"model: [unclosed\n\xff")
+        expected = f"error: run file {source} is not valid YAML ("
+    status, lines = _resume(run_dir, monkeypatch, capsys)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
+    assert list((run_dir / ".hydra").glob("resume-*")) == []

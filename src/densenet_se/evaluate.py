@@ -32,6 +32,7 @@ from densenet_se.inference import check_tta, view_logits
 from densenet_se.names import display_name
 from densenet_se.operating_point import DECISION_KEYS, check_decision
 from densenet_se.paths import check_output, check_outside
+from densenet_se.rundir import load_run_yaml
 
 log = logging.getLogger("densenet_se")
 
@@ -63,11 +64,11 @@ def run_data_config(run_dir: Path | None) -> tuple[dict[str, Any], Path | None]:
     """(the training run's resolved `data` settings, the directory it ran in), from RUN/.hydra/ when present."""
     if run_dir is None or not (run_dir / ".hydra" / "config.yaml").is_file():
         return {}, None
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = load_run_yaml(run_dir / ".hydra" / "config.yaml")
     cwd = None
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     if hydra_yaml.is_file():
-        cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd", default=None)
+        cwd = OmegaConf.select(load_run_yaml(hydra_yaml), "hydra.runtime.cwd", default=None)
     # `${hydra:...}` only resolves inside that run: pin what it pointed at.
     with open_dict(cfg):
         if OmegaConf.select(cfg, "paths") is not None:

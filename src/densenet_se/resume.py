@@ -25,7 +25,7 @@ from densenet_se.data.split import SPLITS, read_split_file
 from densenet_se.errors import UserError
 from densenet_se.io import atomic_write_text
 from densenet_se.overrides import override_key
-from densenet_se.rundir import check_targets, check_tracking
+from densenet_se.rundir import check_targets, check_tracking, load_run_yaml
 
 log = logging.getLogger("densenet_se")
 
@@ -95,7 +95,7 @@ def carried_values(run_dir: Path, base: DictConfig) -> dict[str, Any]:
 
     for record in reversed(session_records(run_dir)):
         try:
-            loaded = OmegaConf.load(record)
+            loaded = load_run_yaml(record)
             values = {k: OmegaConf.select(loaded, k) for k in RESUMABLE_KEYS if _has(loaded, k)}
             trial = base.copy()
             for key, value in values.items():
@@ -138,7 +138,7 @@ def resumed_config(composed: DictConfig, run_dir: Path, overrides: list[str]) ->
             )
         changed.append(key)
     try:
-        loaded = OmegaConf.load(source)
+        loaded = load_run_yaml(source)
         # Typed by its arch's schema; a run from before model.arch has none and is a densenet_se run.
         cfg = OmegaConf.merge(train_schema(loaded.get("model")), loaded)
     except UserError:

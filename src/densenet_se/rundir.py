@@ -36,6 +36,23 @@ except ImportError:  # pragma: no cover - Windows
 # Config groups whose entries train.py instantiates from `_target_`.
 TARGET_GROUPS = ("callbacks", "logger")
 LOCK_FILE = ".lock"
+# A run's .hydra/*.yaml and session records are a few KiB; 16 MiB leaves room for any real override list and
+# bounds what a crafted file can make the YAML parser allocate.
+MAX_RUN_YAML_BYTES = 16 << 20
+
+
+def load_run_yaml(path: Path) -> Any:
+    """A YAML file of a run directory, read only when at most MAX_RUN_YAML_BYTES (a run dir may come from anyone);
+    UserError (one sentence naming the file) when it is bigger, unreadable or not YAML."""
+    from densenet_se.io import read_bounded
+
+    what = "the file train.py wrote there, or remove it"
+    data = read_bounded(path, "", what, MAX_RUN_YAML_BYTES, name=f"run file {path}")
+    try:
+        return OmegaConf.create(data.decode("utf-8"))
+    except Exception as err:  # noqa: BLE001 - not UTF-8, not YAML, or not a mapping/list
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"run file {path} is not valid YAML ({first}); give {what}.") from None
 
 
 # ------------------------------------------------------------------------------------------------- targets
