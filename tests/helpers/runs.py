@@ -102,7 +102,16 @@ def train_process(args: list[str], cwd: Path, stderr: int = subprocess.PIPE) -> 
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
+        # As from a terminal: a suite started in the background (nohup, `&` in a script) passes SIGINT on as
+        # ignored, and Python then keeps ignoring it, so a Ctrl+C test would wait out its callback and exit 0.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_at_marker(proc: subprocess.Popen, marker: Path, signum: int) -> tuple[str, str]:
