@@ -244,6 +244,7 @@ def test_model_torchvision_composes_validates_and_refuses_in_one_sentence(tmp_pa
     assert closest_key("model.nme") == "model.name" and closest_key("model.growth_rat") == "model.growth_rate"
 
 
+@pytest.mark.slow
 def test_a_key_of_another_arch_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
     from helpers.runs import run_cli
 

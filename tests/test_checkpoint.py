@@ -137,6 +137,7 @@ def test_run_dir_of_follows_the_run_layout(tmp_path):
     assert run_dir_of(tmp_path / "best.ckpt") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["eval", "predict", "export"])
 @pytest.mark.parametrize("kind", ["truncated", "no_hparams"])
 def test_cli_bad_checkpoint_exits_2_with_one_line(tmp_path, monkeypatch, capsys, tool, kind):

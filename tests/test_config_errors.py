@@ -139,6 +139,7 @@ def test_every_numeric_key_is_range_checked():
                 assert key in BAD or key in BAD_RECIPE or key in UNCHECKED, f"{key} has no range check"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(BAD | BAD_RECIPE))
 def test_out_of_range_values_name_the_key_and_the_range(base_cfg, key):
     cfg = copy.deepcopy(base_cfg)

@@ -142,6 +142,7 @@ def test_one_class_warnings_are_hidden_only_for_the_sanity_checks_partial_sample
     assert any("No positive samples in targets" in m for m in auroc_warnings(partial=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["compact", "full", False])
 def test_print_config_compact_full_or_false(tmp_path, caplog, mode):
     cfg = compose_cfg(tmp_path, [*TINY, "data.root=/images", f"print_config={mode}"])

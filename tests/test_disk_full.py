@@ -88,6 +88,7 @@ def _checkpointed_epochs(path: Path) -> list[int]:
     return [row["epoch"] for row in report["epochs"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["trainer.check_val_every_n_epoch=2"]])
 def test_disk_full_while_writing_last_ckpt(tmp_path, monkeypatch, extra):
     images = make_image_folder(tmp_path / "images", {"Monkeypox": 16, "Others": 16})

@@ -130,6 +130,7 @@ def test_eval_json_has_intervals_threshold_and_calibration(evaluated, run_dir):
     assert saved["fitted_on"] == {"split": "val", "n": cal["n"], "tta": "flip"}
 
 
+@pytest.mark.slow
 def test_predictions_csv_rows_follow_the_threshold(evaluated, run_dir):
     m = json.loads((evaluated / "eval.json").read_text())
     columns, rows = read_rows(evaluated / "predictions.csv")
@@ -332,6 +333,7 @@ def reachable(module: str) -> set[str]:
     return seen
 
 
+@pytest.mark.slow
 def test_evaluate_and_the_end_of_run_report_import_no_task():
     assert "densenet_se.predict" not in reachable("densenet_se.evaluate")
     assert not {"densenet_se.evaluate", "densenet_se.predict"} & reachable("densenet_se.best_report")

@@ -27,6 +27,7 @@ def eval_cfg(out: Path, overrides: list[str]):
     return task_cfg("eval", overrides, output_dir=str(out))
 
 
+@pytest.mark.slow
 def test_best_checkpoint_on_val_reproduces_training_exactly(run_dir, tmp_path):
     metrics_json = json.loads((run_dir / "metrics.json").read_text())
     best_row = next(r for r in metrics_json["epochs"] if r["epoch"] == metrics_json["best_epoch"])
@@ -69,6 +70,7 @@ def test_test_and_all_splits_use_the_runs_files(run_dir, tmp_path):
     assert 0.0 <= test["acc"] <= 1.0 and 0.0 <= test["auroc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_removed_image_is_one_clear_error_or_skipped_with_on_missing(run_dir, tmp_path):
     copy = shutil.copytree(Path(json.loads((run_dir / "split.json").read_text())["root"]), tmp_path / "imgs")
     gone_rel = split_files(run_dir / "split.json", "val")[0][0]
@@ -188,6 +190,7 @@ def test_eval_py_prints_the_table_and_writes_its_run_dir(run_dir, tmp_path, monk
     assert (out / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

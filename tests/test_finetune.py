@@ -48,6 +48,7 @@ def test_head_trains_at_lr_and_backbone_at_its_share():
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_backbone_stays_pretrained_while_frozen_then_learns(tmp_path, epochs):
     pretrained, state = _pretrained_file(tmp_path)

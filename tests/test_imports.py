@@ -130,6 +130,7 @@ def test_models_and_data_import_nothing_of_the_training_stack():
                 assert not outside, f"{name} imports {sorted(outside)}"
 
 
+@pytest.mark.slow
 def test_backbones_import_only_themselves_the_networks_and_the_leaves():
     allowed = (
         "densenet_se.backbones",

@@ -51,6 +51,7 @@ def test_predict_refuses_to_write_over_an_input_image(setup, refused, single):
         assert f"output={image} would overwrite the input file {image}" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("via_link", [False, True])
 def test_predict_and_export_refuse_to_write_over_the_checkpoint(setup, tmp_path, refused, via_link):
     ckpt = target = setup["ckpt"]

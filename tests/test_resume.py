@@ -165,6 +165,7 @@ def test_resume_uses_the_runs_own_config_and_the_allowed_overrides(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override", ["optim.lr=0.5", "model=densenet121_se", "+trainer.precision=16-mixed", "seed=1"]
 )

@@ -75,6 +75,7 @@ def read_only(tmp_path, monkeypatch):
     folder.chmod(0o755)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["the run directory", "its parent"])
 def test_a_read_only_run_directory_is_one_sentence(read_only, monkeypatch, capsys, where):
     run_dir = read_only if where == "the run directory" else read_only / "new" / "run"
@@ -113,6 +114,7 @@ def test_refused_runs_never_reach_outside_their_own_directories(tmp_path, monkey
     assert Path(parent / "older-run").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["train", "eval", "predict", "export"])
 def test_a_run_directory_that_holds_a_run_is_refused_before_its_record_is_overwritten(
     tmp_path, monkeypatch, capsys, tool

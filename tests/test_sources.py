@@ -356,6 +356,7 @@ def textfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     yield from installed_example(tmp_path, monkeypatch, sources, "textfile", "data/textfile")
 
 
+@pytest.mark.slow
 def test_a_third_source_takes_one_file_and_one_yaml(textfile, tree, tmp_path):
     from densenet_se.train import run
 

@@ -29,6 +29,7 @@ def _with_val(made: dict[str, Path], entries: list) -> None:
     made["split"].write_text(json.dumps({**split, "val": entries}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "empty"])
 def test_eval_never_reads_outside_the_data_root(made, tmp_path, monkeypatch, capsys, kind):
     secret = tmp_path / "secret" / "x.png"

@@ -214,6 +214,7 @@ def test_a_job_refuses_lightnings_ddp_relaunch_in_a_multirun(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ Optuna search space
+@pytest.mark.slow
 def test_every_optuna_search_combination_builds_a_model():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -104,6 +104,7 @@ CRAFTED_HPARAMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CRAFTED_HPARAMS))
 def test_crafted_hyper_parameters_are_refused_in_one_sentence(tmp_path, name):
     overrides, expected = CRAFTED_HPARAMS[name]

@@ -252,6 +252,7 @@ def _mlflow(run_dir: Path, **values: object) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_mlflow_store_outside_the_run_directory(tmp_path, monkeypatch, capsys):
     run_dir = resumable_run(tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -299,6 +300,7 @@ def test_resumed_mlflow_stores_stay_in_the_run_or_your_default_store(
             check_tracking(cfg, root, run_dir / "config.yaml", run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["big", "not_yaml"])
 def test_an_oversized_or_broken_run_config_is_one_sentence_before_it_is_parsed(
     tmp_path, monkeypatch, capsys, content
