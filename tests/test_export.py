@@ -106,11 +106,20 @@ def test_export_py_defaults_to_its_run_dir_and_rejects_bad_values(ckpt_path, tmp
     assert printed.count(f"to {out / 'model.pt'}") == 1  # once on the console, and kept in export.log
     assert f"exported {ckpt_path} as state_dict to {out / 'model.pt'}" in (out / "export.log").read_text()
     status = run_cli(
-        "export", [f"ckpt_path={ckpt_path}", "format=tflite", f"hydra.run.dir={out}"], monkeypatch
+        "export",
+        [f"ckpt_path={ckpt_path}", "format=tflite", f"hydra.run.dir={tmp_path / 'bad'}"],
+        monkeypatch,
     )
     assert status == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: format='tflite' is not allowed; choose one of: onnx, state_dict."
+    )
+    # The first export's directory holds its record: a second command there would overwrite it.
+    status = run_cli("export", [f"ckpt_path={ckpt_path}", f"hydra.run.dir={out}"], monkeypatch)
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: hydra.run.dir={out} already holds a run ({out / '.hydra' / 'config.yaml'} is there), whose "
+        "record this command would overwrite; choose another directory (or leave hydra.run.dir unset)."
     )
     with pytest.raises(UserError, match="must not end in .json"):
         export.run(export_cfg(tmp_path, [f"ckpt_path={ckpt_path}", f"output={tmp_path / 'm.json'}"]))

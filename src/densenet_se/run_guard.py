@@ -99,10 +99,11 @@ def check_not_a_run(run_dir: Path) -> None:
     marker = next((run_dir / m for m in RUN_MARKERS if (run_dir / m).exists()), None)
     if marker is None or not is_rank_zero() or _requeued():
         return
+    training = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.json").is_file()
+    choose = f"continue that training with train.py resume={run_dir}, or choose" if training else "choose"
     raise UserError(
         f"hydra.run.dir={run_dir} already holds a run ({marker} is there), whose record this command would "
-        f"overwrite; continue that training with train.py resume={run_dir}, or choose another directory "
-        "(or leave hydra.run.dir unset)."
+        f"overwrite; {choose} another directory (or leave hydra.run.dir unset)."
     )
 
 
