@@ -162,3 +162,24 @@ def test_checkpoints_or_metrics_alone_mark_a_run_but_requeued_slurm_jobs_and_oth
         check_not_a_run(run_dir)
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP process joining its rank zero's directory
     check_not_a_run(run_dir)
+
+
+@pytest.mark.parametrize("marker", ["multirun.yaml", "0_seed=1/.hydra/config.yaml"])
+def test_a_sweep_directory_that_holds_a_sweep_is_refused_before_its_jobs_are_overwritten(
+    tmp_path, monkeypatch, capsys, marker
+):
+    sweep = tmp_path / "sweep"
+    (sweep / marker).parent.mkdir(parents=True, exist_ok=True)
+    (sweep / marker).write_text("kept: true\n")
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    status = run_cli(
+        "train", ["-m", "seed=1,2", f"hydra.sweep.dir={sweep}", "print_config=false"], monkeypatch
+    )
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: hydra.sweep.dir={sweep} already holds a sweep ({sweep / marker} is there), whose jobs this "
+        "sweep would write over; choose another directory (or leave hydra.sweep.dir unset: each sweep gets its "
+        "own)."
+    )
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before
+    assert (sweep / marker).read_text() == "kept: true\n"

@@ -66,6 +66,13 @@ class RunGuard(Callback):
                 frozenset(),
             )
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+        try:
+            check_not_a_sweep(sweep_dir)
+        except UserError as error:
+            raise Refused(error) from None
+
 
 def nearest_existing(path: Path) -> Path:
     """`path` if it exists, else its nearest existing parent."""
@@ -88,6 +95,20 @@ def check_writable(run_dir: Path, existing: Path) -> None:
         raise UserError(
             f"{what} read-only for you; choose a writable place ({where}) or fix its permissions."
         )
+
+
+def check_not_a_sweep(sweep_dir: Path) -> None:
+    """UserError if `sweep_dir` already holds a sweep: its jobs' folders (0_..., 1_...) and records would be
+    written over by the new sweep's jobs of the same numbers."""
+    marker = sweep_dir / "multirun.yaml"
+    if not marker.is_file():
+        marker = next((p for p in sorted(sweep_dir.glob("*/.hydra/config.yaml"))), None)
+    if marker is None:
+        return
+    raise UserError(
+        f"hydra.sweep.dir={sweep_dir} already holds a sweep ({marker} is there), whose jobs this sweep would "
+        "write over; choose another directory (or leave hydra.sweep.dir unset: each sweep gets its own)."
+    )
 
 
 def check_not_a_run(run_dir: Path) -> None:
