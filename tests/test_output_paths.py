@@ -160,3 +160,16 @@ def test_training_refuses_outputs_inside_the_data_root(tmp_path, key):
     ):
         run(cfg)
     assert sorted(images.rglob("*")) == before
+
+
+def test_images_straight_in_data_train_with_the_default_cache(tmp_path, monkeypatch, capsys):
+    # data.root=data is the natural layout; the default cache (once data/.cache) must not lie inside it.
+    make_image_folder(tmp_path / "data", {"x": 6, "y": 6})
+    before = sorted((tmp_path / "data").rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    status = run_cli(
+        "train", [*TINY, "data.root=data", "hydra.run.dir=run", "print_config=false"], monkeypatch
+    )
+    assert status == 0, capsys.readouterr().err
+    assert sorted((tmp_path / "data").rglob("*")) == before
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
