@@ -182,3 +182,30 @@ def test_the_allow_list_is_documented():
     page = (ROOT / "docs" / "console.md").read_text()
     for pattern in STDERR_ALLOWED:
         assert pattern in page, pattern
+
+
+@pytest.mark.slow
+def test_a_run_with_a_test_split_ends_with_its_test_result_and_intervals(tmp_path, caplog):
+    import json
+
+    from densenet_se.train import run
+    from helpers.images import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", {"a": 10, "b": 10})
+    cfg = compose_cfg(tmp_path, [*TINY, f"data.root={images}", "data.test_fraction=0.25", "best_report=true"])
+    with caplog.at_level(logging.INFO, logger="densenet_se"):
+        run(cfg)
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test split")]
+
+    def part(
+        name: str, key: str
+    ) -> str:  # an interval where the bootstrap gave one ("no interval" otherwise)
+        ci = test[f"{key}_ci"]
+        return f"{name} {test[key]:.4f}" + (f" ({ci[0]:.4f} to {ci[1]:.4f})" if ci else "")
+
+    assert test["acc_ci"] is not None  # a proportion always has one (Wilson when every resample agrees)
+    assert lines == [
+        "test split, best checkpoint with 95 % intervals: "
+        + ", ".join([part("acc", "acc"), part("balanced acc", "balanced_acc"), part("AUROC", "auroc")])
+    ]

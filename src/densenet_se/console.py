@@ -177,6 +177,22 @@ def data_summary(split: Mapping[str, Any]) -> str:
     return f"data: {sum(per_class)} images of {len(names)} classes in {split['root']} ({classes}): {parts}"
 
 
+def held_out_line(test: Mapping[str, Any]) -> str:
+    """The held-out test split's result of the best checkpoint, with the 95 % intervals when computed."""
+
+    def part(name: str, key: str) -> str | None:
+        value, ci = test.get(key), test.get(f"{key}_ci")
+        if value is None:
+            return None
+        return f"{name} {value:.4f}" + (f" ({ci[0]:.4f} to {ci[1]:.4f})" if ci else "")
+
+    parts = [
+        p for p in (part("acc", "acc"), part("balanced acc", "balanced_acc"), part("AUROC", "auroc")) if p
+    ]
+    intervals = " with 95 % intervals" if test.get("acc_ci") else ""
+    return f"test split, best checkpoint{intervals}: " + ", ".join(parts)
+
+
 def next_steps(run_dir: Path, checkpoint: str | Path | None, tensorboard: bool) -> list[str]:
     """The commands to look at the run and use its best checkpoint, with the real paths."""
     lines = ["next steps:"]

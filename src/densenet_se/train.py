@@ -327,6 +327,8 @@ def _train(cfg: DictConfig, session: ResumeSession | None, run_dir: Path, report
             best["epoch"] + 1,
             best_path,
         )
+    if report.test is not None and trainer.is_global_zero:
+        log.info("%s", console.held_out_line(report.test))
     if trainer.is_global_zero and not is_multirun():  # a sweep names its summary instead
         last = checkpoint_path(run_dir)
         for line in console.next_steps(
