@@ -96,6 +96,8 @@ def test_known_noise_is_silenced_precisely_and_a_real_problem_still_shows(consol
     lightning_file = "/site-packages/lightning/pytorch/utilities/_pytree.py"
     noise = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
     warnings.warn_explicit(noise, FutureWarning, lightning_file, 21)
+    small = "The number of training batches (1) is smaller than the logging interval Trainer(log_every_n_steps=10)."
+    warnings.warn_explicit(small, UserWarning, "/site-packages/lightning/pytorch/loops/fit_loop.py", 321)
     # The same file with another message, and a warning about the user's setup from Lightning, still show.
     warnings.warn_explicit("Some other deprecation.", FutureWarning, lightning_file, 30)
     problem = "The 'train_dataloader' does not have many workers which may be a bottleneck."
@@ -116,6 +118,7 @@ def test_known_noise_is_silenced_precisely_and_a_real_problem_still_shows(consol
     logged = log_file.read_text()
     for text in (
         noise,
+        small,
         "Some other deprecation.",
         problem,
         "💡 Tip",

@@ -55,6 +55,12 @@ NOISE: tuple[Noise, ...] = (
         r"deprecated",
         "Lightning's own use of a torch API that torch 2.14 deprecates; nothing in the user's setup causes it",
     ),
+    Noise(
+        "py.warnings",
+        r"lightning/pytorch/loops/fit_loop\.py:\d+: (\w+: )?The number of training batches \(\d+\) is smaller than "
+        r"the logging interval",
+        "a data set of fewer than 10 batches per epoch is not a mistake, and every metric is logged per epoch",
+    ),
 )
 
 
