@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from densenet_se.train import run
-from helpers.config import CONF
+from helpers.runs import run_cli
 
 
 @pytest.mark.slow
@@ -36,14 +33,8 @@ from helpers.config import CONF
     ],
 )
 def test_bad_recipe_values_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, override, expected):
-    from densenet_se.cli import hydra_entry
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["train.py", override, f"hydra.run.dir={tmp_path}/run"])
-    with pytest.raises(SystemExit) as exit_info:
-        hydra_entry(run, config_name="train", config_dir=CONF)()
-    assert exit_info.value.code == 2
+    assert run_cli("train", [override, f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
     assert not (tmp_path / "run" / "checkpoints").exists()

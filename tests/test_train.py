@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from densenet_se.train import run
 from helpers.config import CONF, ROOT, TINY, compose_cfg
 from helpers.images import split_files
-from helpers.runs import run_train, subprocess_env
+from helpers.runs import run_cli, run_train, subprocess_env
 
 
 @pytest.mark.slow
@@ -178,14 +178,8 @@ def test_two_runs_started_together_get_different_directories(tmp_path, image_fol
 )
 def test_bad_config_values_exit_non_zero_with_one_line(tmp_path, monkeypatch, capsys, override, expected):
     # In-process through the real entry point (same code path as `python train.py`, without a new interpreter).
-    from densenet_se.cli import hydra_entry
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["train.py", override, f"hydra.run.dir={tmp_path}/run"])
-    with pytest.raises(SystemExit) as exit_info:
-        hydra_entry(run, config_name="train", config_dir=CONF)()
-    assert exit_info.value.code == 2
+    assert run_cli("train", [override, f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
